@@ -1,0 +1,38 @@
+"""actprior: action priors for cross-embodiment robot learning, native to the Hugging Face stack.
+
+Importing this package registers the ``actprior`` model type with ``AutoConfig`` / ``AutoModel``, so
+``AutoModel.from_pretrained(path)`` works without ``trust_remote_code``. Saved checkpoints also carry
+their code files and an ``auto_map``, so a Python *without* this package can load them with
+``trust_remote_code=True`` (which runs those files: read them first if the checkpoint is not yours).
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .action_space import (
+    EMBODIMENT_REGISTRY,
+    ActionNormalizer,
+    EmbodimentSpec,
+    EmbodimentStats,
+    UnknownEmbodimentError,
+    get_embodiment,
+    pad_actions,
+    register_embodiment,
+)
+from .configuration_actprior import ACTPRIOR_PRESETS, ActionPriorConfig
+from .modeling_actprior import ActionPriorLatent, ActionPriorModel, ActionPriorOutput
+from .scheduling_flow_matching import FlowMatchingActionScheduler, FlowMatchingSchedulerOutput
+
+__version__ = "0.1.0"
+
+AutoConfig.register(ActionPriorConfig.model_type, ActionPriorConfig, exist_ok=True)
+AutoModel.register(ActionPriorConfig, ActionPriorModel, exist_ok=True)
+# Every save_pretrained writes an auto_map and copies the code files beside the weights.
+ActionPriorConfig.register_for_auto_class()
+ActionPriorModel.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "EMBODIMENT_REGISTRY", "ActionNormalizer", "EmbodimentSpec", "EmbodimentStats", "UnknownEmbodimentError",
+    "get_embodiment", "pad_actions", "register_embodiment", "ACTPRIOR_PRESETS", "ActionPriorConfig",
+    "ActionPriorModel", "ActionPriorOutput", "ActionPriorLatent", "FlowMatchingActionScheduler",
+    "FlowMatchingSchedulerOutput",
+]

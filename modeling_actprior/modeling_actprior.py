@@ -1,0 +1,539 @@
+"""Stage 1 of the method: ``ActionPriorModel``, a flow-matching action prior learned from actions alone.
+
+* Encoder ``E_phi``: a transformer over the last ``K`` normalized, padded actions (optionally with
+  states), pooled through a learned summary token into a diagonal Gaussian ``q(z | a_<t) = N(mu, sigma^2)``.
+* Decoder ``D_psi``: an MLP velocity field ``v(x_t, t, z)`` over the future chunk ``a_{t:t+H}``
+  (residual blocks modulated by flow time and latent).
+* Loss: masked flow-matching MSE ``|| v(x_t, t, z) - (noise - actions) ||^2`` over real action
+  dimensions and real chunk steps only, plus ``beta * KL(q || N(0, I))``.
+
+Flow time: ``t = 1`` is noise and ``t = 0`` is data (see ``scheduling_flow_matching``).
+Padding: every input is multiplied by its mask on entry and the loss is masked, so values in padded
+action dimensions or padded chunk/history steps change neither the loss nor any gradient.
+
+This file is copied next to exported checkpoints for ``trust_remote_code`` loading, so it imports only
+its siblings, relatively.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .action_space import ACTION_NORMALIZER_NAME, ActionNormalizer, check_finite
+from .configuration_actprior import ActionPriorConfig
+from .scheduling_flow_matching import FlowMatchingActionScheduler
+
+SCHEDULER_SUBFOLDER = "scheduler"
+
+# Batch keys shared by the data pipeline, the training scripts and the model.
+HISTORY = "history"
+HISTORY_MASK = "history_mask"
+ACTIONS = "actions"
+ACTION_MASK = "action_mask"
+DIM_MASK = "dim_mask"
+STATE = "state"
+EMBODIMENT = "embodiment"
+
+
+# --------------------------------------------------------------------------------------------- outputs
+@dataclass
+class ActionPriorLatent(ModelOutput):
+    """
+    Args:
+        mean (`(B, d_z)`): mean of ``q(z | history)``.
+        logvar (`(B, d_z)`): log-variance of ``q(z | history)``, clamped to the config's range.
+        sample (`(B, d_z)`): a reparameterized draw (equals ``mean`` when not sampling).
+    """
+
+    mean: torch.Tensor = None
+    logvar: torch.Tensor = None
+    sample: torch.Tensor = None
+
+
+@dataclass
+class ActionPriorOutput(ModelOutput):
+    """
+    Args:
+        loss (`()`): ``flow_loss + kl_weight * kl_loss``.
+        flow_loss (`()`): masked flow-matching MSE, mean over real (step, dimension) entries.
+        kl_loss (`()`): ``KL(q(z | history) || N(0, I))`` summed over ``d_z``, mean over the batch.
+        velocity (`(B, H, D_max)`): predicted velocity, zero in padded dimensions.
+        target_velocity (`(B, H, D_max)`): ``noise - actions``, zero in padded dimensions.
+        timesteps (`(B,)`): the flow times drawn for this batch.
+        latent (`ActionPriorLatent`): the encoder's posterior for this batch.
+    """
+
+    loss: Optional[torch.Tensor] = None
+    flow_loss: Optional[torch.Tensor] = None
+    kl_loss: Optional[torch.Tensor] = None
+    velocity: Optional[torch.Tensor] = None
+    target_velocity: Optional[torch.Tensor] = None
+    timesteps: Optional[torch.Tensor] = None
+    latent: Optional[ActionPriorLatent] = None
+
+
+# --------------------------------------------------------------------------------------------- blocks
+def sinusoidal_time_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """``(B,)`` flow times in [0, 1] -> ``(B, dim)`` sin/cos features (times are scaled by 1000 first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+class ActionHistoryEncoder(nn.Module):
+    """``E_phi``: past actions ``(B, K, D_max)`` -> Gaussian latent ``(B, d_z)`` x 2.
+
+    Each history step is embedded from ``[action * dim_mask, dim_mask]`` (the mask tells the encoder
+    which robot-width it is reading) plus an optional state, with a learned position embedding. A learned
+    summary token attends over the real steps only; its output gives ``(mean, logvar)``.
+    """
+
+    def __init__(self, config: ActionPriorConfig):
+        super().__init__()
+        self.config = config
+        d = config.hidden_size
+        self.action_in = nn.Linear(2 * config.max_action_dim, d)
+        self.state_in = nn.Linear(config.max_state_dim, d) if config.max_state_dim > 0 else None
+        self.position = nn.Parameter(torch.zeros(1, config.history_length, d))
+        self.summary_token = nn.Parameter(torch.zeros(1, 1, d))
+        layer = nn.TransformerEncoderLayer(
+            d, config.encoder_heads, config.encoder_ffn_size, config.dropout, activation="gelu",
+            batch_first=True, norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, config.encoder_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.to_latent = nn.Linear(d, 2 * config.latent_dim)
+
+    def forward(
+        self,
+        history: torch.Tensor,
+        history_mask: torch.Tensor,
+        dim_mask: torch.Tensor,
+        state: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            history: ``(B, K', D_max)`` normalized, padded; ``K' <= K``, the most recent step last.
+            history_mask: ``(B, K')`` bool, True for real past actions.
+            dim_mask: ``(B, D_max)`` bool, True for the embodiment's real dimensions.
+            state: ``(B, K', max_state_dim)`` normalized, padded, or None.
+        Returns:
+            ``(mean, logvar)``, each ``(B, d_z)``.
+        """
+        b, k, _ = history.shape
+        dm = dim_mask.to(history.dtype)[:, None, :]
+        step_valid = history_mask.to(history.dtype)[..., None]
+        feats = torch.cat([history * dm * step_valid, dm.expand(b, k, -1)], dim=-1)
+        h = self.action_in(feats)
+        if self.state_in is not None and state is not None:
+            h = h + self.state_in(state * step_valid)
+        # Right-align so the most recent action always sits at the last position embedding.
+        h = h + self.position[:, -k:] if k > 0 else h
+        h = torch.cat([self.summary_token.expand(b, -1, -1).to(h.dtype), h], dim=1)
+        pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=h.device), ~history_mask.bool()], dim=1)
+        h = self.layers(h, src_key_padding_mask=pad)
+        stats = self.to_latent(self.norm(h[:, 0]))
+        mean, logvar = stats.chunk(2, dim=-1)
+        return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)
+
+
+class ModulatedResidualBlock(nn.Module):
+    """LayerNorm -> scale/shift from the conditioning -> MLP -> gated residual (adaLN-Zero style)."""
+
+    def __init__(self, width: int, cond_width: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False)
+        self.modulation = nn.Linear(cond_width, 3 * width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * width, width))
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift, gate = self.modulation(cond).chunk(3, dim=-1)
+        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+
+
+class FlowMatchingActionDecoder(nn.Module):
+    """``D_psi``: velocity ``v(x_t, t, z)`` over a whole chunk, ``(B, H, D_max)`` -> ``(B, H, D_max)``.
+
+    The chunk is flattened and read together with the dimension mask; flow time (sinusoidal) and the
+    latent form the conditioning of ``decoder_layers`` modulated residual MLP blocks. The output is zero
+    in padded dimensions.
+    """
+
+    def __init__(self, config: ActionPriorConfig):
+        super().__init__()
+        self.config = config
+        width, flat = config.decoder_hidden_size, config.chunk_size * config.max_action_dim
+        self.x_in = nn.Linear(flat + config.max_action_dim, width)
+        self.time_mlp = nn.Sequential(nn.Linear(config.time_embedding_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.latent_mlp = nn.Sequential(nn.Linear(config.latent_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.blocks = nn.ModuleList(
+            ModulatedResidualBlock(width, width, config.dropout) for _ in range(config.decoder_layers)
+        )
+        self.norm_out = nn.LayerNorm(width, elementwise_affine=False)
+        self.out = nn.Linear(width, flat)
+
+    def condition(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent's share of the conditioning, ``(B, width)``; constant over the flow steps of one chunk."""
+        return self.latent_mlp(z)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        z: Optional[torch.Tensor],
+        dim_mask: torch.Tensor,
+        latent_condition: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            x_t: ``(B, H, D_max)`` noisy chunk at flow time ``t``.
+            t: ``(B,)`` flow times (1 = noise, 0 = data).
+            z: ``(B, d_z)`` latent; ignored when ``latent_condition`` (from ``condition(z)``) is given.
+            dim_mask: ``(B, D_max)`` bool.
+        Returns:
+            velocity ``(B, H, D_max)``, zero in padded dimensions.
+        """
+        b = x_t.shape[0]
+        dm = dim_mask.to(x_t.dtype)
+        x = (x_t * dm[:, None, :]).reshape(b, -1)
+        h = self.x_in(torch.cat([x, dm], dim=-1))
+        cond = self.time_mlp(sinusoidal_time_embedding(t, self.config.time_embedding_dim).to(h.dtype))
+        cond = F.silu(cond + (latent_condition if latent_condition is not None else self.condition(z)))
+        for block in self.blocks:
+            h = block(h, cond)
+        v = self.out(self.norm_out(h)).reshape(b, self.config.chunk_size, self.config.max_action_dim)
+        return v * dm[:, None, :]
+
+
+# --------------------------------------------------------------------------------------------- models
+class ActionPriorPreTrainedModel(PreTrainedModel):
+    config_class = ActionPriorConfig
+    base_model_prefix = "actprior"
+    main_input_name = HISTORY
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["ActionHistoryEncoder", "FlowMatchingActionDecoder"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ActionHistoryEncoder):
+            nn.init.trunc_normal_(module.position, std=0.02)
+            nn.init.trunc_normal_(module.summary_token, std=0.02)
+        elif isinstance(module, ModulatedResidualBlock):
+            # Zero-init gates: each block starts as the identity, which keeps deep stacks stable.
+            nn.init.zeros_(module.modulation.weight)
+            nn.init.zeros_(module.modulation.bias)
+
+
+class ActionPriorModel(ActionPriorPreTrainedModel):
+    """The Stage-1 action prior: history encoder + flow-matching chunk decoder.
+
+    Besides weights and config, a checkpoint carries the flow sampler (``scheduler/``) and, once trained
+    on data, the per-embodiment action statistics (``action_normalizer.json``); ``save_pretrained`` /
+    ``from_pretrained`` write and read all three.
+
+    Example:
+        ```python
+        >>> import modeling_actprior
+        >>> from transformers import AutoModel
+        >>> prior = AutoModel.from_pretrained("path/to/prior")
+        >>> chunk = prior.predict_actions(past_actions, embodiment="sawyer")  # (H, 4) raw units
+        ```
+    """
+
+    def __init__(self, config: ActionPriorConfig):
+        super().__init__(config)
+        self.encoder = ActionHistoryEncoder(config)
+        self.decoder = FlowMatchingActionDecoder(config)
+        self.scheduler = FlowMatchingActionScheduler(num_inference_steps=config.num_inference_steps)
+        self.normalizer: Optional[ActionNormalizer] = None
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------ checks
+    def _check_inputs(self, history, history_mask, dim_mask, actions=None, action_mask=None):
+        c = self.config
+        if history.ndim != 3 or history.shape[-1] != c.max_action_dim:
+            raise ValueError(
+                f"history must be (batch, steps, max_action_dim={c.max_action_dim}) normalized and padded; got "
+                f"shape {tuple(history.shape)}. Pad raw actions with ActionNormalizer.normalize first."
+            )
+        if history.shape[1] > c.history_length:
+            raise ValueError(
+                f"history has {history.shape[1]} steps but this prior reads at most history_length="
+                f"{c.history_length}. Pass the last {c.history_length} actions."
+            )
+        if history_mask.shape != history.shape[:2]:
+            raise ValueError(f"history_mask must be {tuple(history.shape[:2])}; got {tuple(history_mask.shape)}.")
+        if dim_mask.shape != (history.shape[0], c.max_action_dim):
+            raise ValueError(f"dim_mask must be (batch, {c.max_action_dim}); got {tuple(dim_mask.shape)}.")
+        check_finite(history, "history")
+        if actions is not None:
+            if actions.shape[1:] != (c.chunk_size, c.max_action_dim) or actions.shape[0] != history.shape[0]:
+                raise ValueError(
+                    f"actions must be (batch={history.shape[0]}, chunk_size={c.chunk_size}, max_action_dim="
+                    f"{c.max_action_dim}) normalized and padded; got {tuple(actions.shape)}."
+                )
+            check_finite(actions, "actions")
+            if action_mask is not None and action_mask.shape != actions.shape[:2]:
+                raise ValueError(f"action_mask must be {tuple(actions.shape[:2])}; got {tuple(action_mask.shape)}.")
+
+    # ------------------------------------------------------------------------------------ encoder
+    def encode(
+        self,
+        history: torch.Tensor,
+        history_mask: Optional[torch.Tensor] = None,
+        dim_mask: Optional[torch.Tensor] = None,
+        state: Optional[torch.Tensor] = None,
+        sample: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ) -> ActionPriorLatent:
+        """Summarize past actions into the prior's latent.
+
+        Args:
+            history: ``(B, K', D_max)`` normalized, padded, ``K' <= history_length``.
+            history_mask: ``(B, K')`` bool; default all True.
+            dim_mask: ``(B, D_max)`` bool; default all True.
+            state: ``(B, K', max_state_dim)`` or None.
+            sample: draw ``z = mean + sigma * eps`` instead of returning the mean as ``sample``.
+        """
+        b, k = history.shape[:2]
+        history_mask = torch.ones(b, k, dtype=torch.bool, device=history.device) if history_mask is None else history_mask
+        dim_mask = torch.ones(b, self.config.max_action_dim, dtype=torch.bool, device=history.device) if dim_mask is None else dim_mask
+        self._check_inputs(history, history_mask, dim_mask)
+        mean, logvar = self.encoder(history, history_mask, dim_mask, state)
+        z = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32).to(mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * eps
+        return ActionPriorLatent(mean=mean, logvar=logvar, sample=z)
+
+    # ------------------------------------------------------------------------------------ training
+    def sample_time(self, batch_size: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Flow times ``(B,)`` from the configured density, mapped into ``[time_min, time_max]``."""
+        c = self.config
+        if c.time_sampling == "uniform":
+            u = torch.rand(batch_size, generator=generator, device=device)
+        elif c.time_sampling == "beta":
+            # Beta(a, b) through two Gamma draws would ignore `generator`; inverse-CDF sampling keeps it.
+            u = _beta_icdf_sample(batch_size, c.time_beta_alpha, c.time_beta_beta, generator, device)
+        else:
+            n = torch.randn(batch_size, generator=generator, device=device)
+            u = torch.sigmoid(c.time_logit_normal_mean + c.time_logit_normal_std * n)
+        return c.time_min + (c.time_max - c.time_min) * u
+
+    def forward(
+        self,
+        history: torch.Tensor,
+        actions: torch.Tensor,
+        history_mask: Optional[torch.Tensor] = None,
+        action_mask: Optional[torch.Tensor] = None,
+        dim_mask: Optional[torch.Tensor] = None,
+        state: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+        timesteps: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> Union[ActionPriorOutput, tuple]:
+        """Flow-matching loss for a batch of windows.
+
+        Args:
+            history: ``(B, K', D_max)`` past actions, normalized, padded.
+            actions: ``(B, H, D_max)`` future chunk, normalized, padded.
+            history_mask: ``(B, K')`` bool, True for real past steps (False before an episode's start).
+            action_mask: ``(B, H)`` bool, True for real chunk steps (False past an episode's end).
+            dim_mask: ``(B, D_max)`` bool, True for the embodiment's real dimensions.
+            state: ``(B, K', max_state_dim)`` or None.
+            noise: ``(B, H, D_max)`` optional fixed noise; ``timesteps``: ``(B,)`` optional fixed flow times.
+            kwargs: other batch entries (``embodiment``, ``episode_index``...) are accepted and ignored.
+        """
+        b, dev = actions.shape[0], actions.device
+        history_mask = torch.ones(history.shape[:2], dtype=torch.bool, device=dev) if history_mask is None else history_mask
+        action_mask = torch.ones(actions.shape[:2], dtype=torch.bool, device=dev) if action_mask is None else action_mask
+        dim_mask = torch.ones(b, self.config.max_action_dim, dtype=torch.bool, device=dev) if dim_mask is None else dim_mask
+        self._check_inputs(history, history_mask, dim_mask, actions, action_mask)
+
+        latent = self.encode(history, history_mask, dim_mask, state, sample=self.training, generator=generator)
+        dm = dim_mask.to(actions.dtype)[:, None, :]
+        if noise is None:
+            noise = torch.randn(actions.shape, generator=generator, device=dev, dtype=torch.float32).to(actions.dtype)
+        if timesteps is None:
+            timesteps = self.sample_time(b, dev, generator).to(actions.dtype)
+        clean, noise = actions * dm, noise * dm
+        x_t = self.scheduler.add_noise(clean, noise, timesteps)
+        target = noise - clean
+        velocity = self.decoder(x_t, timesteps, latent.sample, dim_mask)
+
+        weight = dm * action_mask.to(actions.dtype)[..., None]
+        flow_loss = ((velocity - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+        kl = gaussian_kl(latent.mean, latent.logvar).mean()
+        loss = flow_loss + self.config.kl_weight * kl
+        out = ActionPriorOutput(loss=loss, flow_loss=flow_loss, kl_loss=kl, velocity=velocity,
+                                target_velocity=target, timesteps=timesteps, latent=latent)
+        return out if return_dict else out.to_tuple()
+
+    # ------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample_actions(
+        self,
+        z: torch.Tensor,
+        dim_mask: Optional[torch.Tensor] = None,
+        num_inference_steps: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        noise: Optional[torch.Tensor] = None,
+        scheduler: Optional[FlowMatchingActionScheduler] = None,
+    ) -> torch.Tensor:
+        """Integrate the decoder's flow from noise to a chunk, given latents.
+
+        Args:
+            z: ``(B, d_z)`` latents (from ``encode(...).mean``, a VLM, or ``N(0, I)``).
+            dim_mask: ``(B, D_max)`` bool; default all True.
+            num_inference_steps: flow steps (default: the scheduler's).
+            generator: for reproducible initial noise; ``noise`` (``(B, H, D_max)``) fixes it outright.
+            scheduler: replaces the checkpoint's sampler for this call (e.g. a Heun solver).
+        Returns:
+            ``(B, H, D_max)`` float32 normalized actions, zero in padded dimensions.
+        """
+        b, dev = z.shape[0], z.device
+        dim_mask = torch.ones(b, self.config.max_action_dim, dtype=torch.bool, device=dev) if dim_mask is None else dim_mask
+        run = (scheduler or self.scheduler).for_run(num_inference_steps, device=dev)
+        shape = (b, self.config.chunk_size, self.config.max_action_dim)
+        x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32) if noise is None else noise.float()
+        x = x * dim_mask[:, None, :]
+        dtype = next(self.decoder.parameters()).dtype
+        latent_condition = self.decoder.condition(z.to(dtype))  # once per chunk, not once per flow step
+        for t in run.timesteps:
+            v = self.decoder(x.to(dtype), t.expand(b).to(dtype), None, dim_mask, latent_condition=latent_condition)
+            x = run.step(v, t, x).prev_sample
+        return x * dim_mask[:, None, :]
+
+    @torch.no_grad()
+    def predict_actions(
+        self,
+        history,
+        embodiment: str,
+        num_inference_steps: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        sample_latent: bool = False,
+    ) -> torch.Tensor:
+        """Raw past actions -> the next chunk in raw units, through the checkpoint's normalizer.
+
+        Args:
+            history: ``(K', action_dim)`` or ``(B, K', action_dim)`` past actions in the robot's own units,
+                oldest first; ``K'`` may be 0 (episode start) and at most ``history_length``.
+            embodiment: a robot this checkpoint has statistics for.
+        Returns:
+            ``(H, action_dim)`` or ``(B, H, action_dim)`` raw actions.
+        """
+        if self.normalizer is None:
+            raise ValueError(
+                "This prior has no action normalizer (no action_normalizer.json in the checkpoint), so it cannot "
+                "map raw actions. Attach one: model.normalizer = ActionNormalizer(...); or train it on data."
+            )
+        spec = self.normalizer.spec(embodiment)
+        h = torch.as_tensor(np.asarray(history, dtype=np.float32)) if not isinstance(history, torch.Tensor) else history.float()
+        single = h.ndim == 2
+        h = h[None] if single else h
+        if h.ndim != 3 or (h.shape[1] > 0 and h.shape[-1] != spec.action_dim):
+            raise ValueError(
+                f"history for {embodiment!r} must be (steps, {spec.action_dim}) or (batch, steps, {spec.action_dim}) "
+                f"raw actions; got shape {tuple(h.shape)}."
+            )
+        b, k = h.shape[:2]
+        dev = self.device
+        if k == 0:
+            norm = torch.zeros(b, 0, self.config.max_action_dim, device=dev)
+        else:
+            norm, _ = self.normalizer.normalize(h.to(dev), embodiment)
+        mask = self.normalizer.dim_mask(embodiment, device=dev).expand(b, -1)
+        dtype = next(self.encoder.parameters()).dtype
+        latent = self.encode(norm.to(dtype), None, mask, sample=sample_latent, generator=generator)
+        chunk = self.sample_actions(latent.sample, mask, num_inference_steps, generator)
+        raw = self.normalizer.unnormalize(chunk, embodiment)
+        return raw[0] if single else raw
+
+    # ------------------------------------------------------------------------------------ hub I/O
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
+        """Weights (safetensors), config, ``scheduler/`` and ``action_normalizer.json``."""
+        kwargs.setdefault("safe_serialization", True)
+        if not kwargs["safe_serialization"]:
+            raise ValueError("actprior checkpoints are written as safetensors only; drop safe_serialization=False.")
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.scheduler.save_pretrained(os.path.join(save_directory, SCHEDULER_SUBFOLDER))
+            if self.normalizer is not None:
+                self.normalizer.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.scheduler, model.normalizer = _load_sidecars(pretrained_model_name_or_path, model.scheduler, kwargs)
+        return model
+
+
+def _load_sidecars(path, default_scheduler, kwargs):
+    """The scheduler and normalizer saved beside the weights (local folder or Hub repo), if present."""
+    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "force_download") if k in kwargs}
+    path = str(path)
+    scheduler, normalizer = default_scheduler, None
+    if os.path.isdir(path):
+        if os.path.isdir(os.path.join(path, SCHEDULER_SUBFOLDER)):
+            scheduler = FlowMatchingActionScheduler.from_pretrained(path, subfolder=SCHEDULER_SUBFOLDER)
+        if os.path.isfile(os.path.join(path, ACTION_NORMALIZER_NAME)):
+            normalizer = ActionNormalizer.from_pretrained(path)
+        return scheduler, normalizer
+    from transformers.utils import cached_file
+
+    if cached_file(path, f"{SCHEDULER_SUBFOLDER}/{FlowMatchingActionScheduler.config_name}",
+                   _raise_exceptions_for_missing_entries=False, **hub):
+        scheduler = FlowMatchingActionScheduler.from_pretrained(path, subfolder=SCHEDULER_SUBFOLDER, **hub)
+    norm_file = cached_file(path, ACTION_NORMALIZER_NAME, _raise_exceptions_for_missing_entries=False, **hub)
+    if norm_file:
+        normalizer = ActionNormalizer.from_pretrained(norm_file)
+    return scheduler, normalizer
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``KL(N(mean, exp(logvar)) || N(0, I))`` summed over the last dim: ``(B, d_z)`` -> ``(B,)``."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def _beta_icdf_sample(n: int, a: float, b: float, generator, device) -> torch.Tensor:
+    """Beta(a, b) samples drawn through ``generator`` (exact inverse CDF when a or b is 1)."""
+    u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
+    if b == 1.0:
+        return u.pow(1.0 / a).float()
+    if a == 1.0:
+        return (1.0 - (1.0 - u).pow(1.0 / b)).float()
+    # General case: invert the regularized incomplete beta numerically on a fine grid.
+    grid = torch.linspace(0, 1, 4097, dtype=torch.float64, device=device)
+    pdf = grid.clamp(1e-12, 1 - 1e-12).pow(a - 1) * (1 - grid).clamp(1e-12, 1).pow(b - 1)
+    cdf = torch.cumsum((pdf[1:] + pdf[:-1]) / 2, 0)
+    cdf = torch.cat([cdf.new_zeros(1), cdf / cdf[-1]])
+    idx = torch.searchsorted(cdf, u).clamp(1, len(grid) - 1)
+    lo, hi = cdf[idx - 1], cdf[idx]
+    frac = (u - lo) / (hi - lo).clamp_min(1e-12)
+    return (grid[idx - 1] + frac * (grid[idx] - grid[idx - 1])).float()
+
+
+__all__ = [
+    "ActionPriorModel", "ActionPriorPreTrainedModel", "ActionPriorOutput", "ActionPriorLatent",
+    "ActionHistoryEncoder", "FlowMatchingActionDecoder", "gaussian_kl",
+]
