@@ -376,12 +376,15 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
             noise = torch.randn(actions.shape, generator=generator, device=dev, dtype=torch.float32).to(actions.dtype)
         if timesteps is None:
             timesteps = self.sample_time(b, dev, generator).to(actions.dtype)
-        clean, noise = actions * dm, noise * dm
+        # Steps past an episode's end carry no data: their clean value is zeroed (the model still sees
+        # noise there, as at inference) and their loss is masked, so padding content never matters.
+        step = action_mask.to(actions.dtype)[..., None]
+        clean, noise = actions * dm * step, noise * dm
         x_t = self.scheduler.add_noise(clean, noise, timesteps)
         target = noise - clean
         velocity = self.decoder(x_t, timesteps, latent.sample, dim_mask)
 
-        weight = dm * action_mask.to(actions.dtype)[..., None]
+        weight = dm * step
         flow_loss = ((velocity - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
         kl = gaussian_kl(latent.mean, latent.logvar).mean()
         loss = flow_loss + self.config.kl_weight * kl
