@@ -31,8 +31,19 @@ ActionPriorConfig.register_for_auto_class()
 ActionPriorModel.register_for_auto_class("AutoModel")
 
 __all__ = [
-    "EMBODIMENT_REGISTRY", "ActionNormalizer", "EmbodimentSpec", "EmbodimentStats", "UnknownEmbodimentError",
-    "get_embodiment", "pad_actions", "register_embodiment", "ACTPRIOR_PRESETS", "ActionPriorConfig",
-    "ActionPriorModel", "ActionPriorOutput", "ActionPriorLatent", "FlowMatchingActionScheduler",
+    "ACTPRIOR_PRESETS",
+    "EMBODIMENT_REGISTRY",
+    "ActionNormalizer",
+    "ActionPriorConfig",
+    "ActionPriorLatent",
+    "ActionPriorModel",
+    "ActionPriorOutput",
+    "EmbodimentSpec",
+    "EmbodimentStats",
+    "FlowMatchingActionScheduler",
     "FlowMatchingSchedulerOutput",
+    "UnknownEmbodimentError",
+    "get_embodiment",
+    "pad_actions",
+    "register_embodiment",
 ]

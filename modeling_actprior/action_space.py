@@ -18,10 +18,10 @@ nothing from the installed package.
 from __future__ import annotations
 
 import json
-import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ ACTION_NORMALIZER_NAME = "action_normalizer.json"
 NORMALIZATION_MODES = ("quantile", "mean_std")
 CONTROL_MODES = ("ee_delta", "ee_pose", "joint_position", "joint_delta", "joint_velocity", "other")
 
-ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
+ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]  # noqa: UP007 (a runtime alias)
 
 
 class UnknownEmbodimentError(KeyError):
@@ -55,7 +55,7 @@ class EmbodimentSpec:
 
     name: str
     action_dim: int
-    action_names: Tuple[str, ...]
+    action_names: tuple[str, ...]
     control_mode: str = "other"
     fps: float = 10.0
     description: str = ""
@@ -86,11 +86,11 @@ class EmbodimentSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "EmbodimentSpec":
+    def from_dict(cls, d: Mapping) -> EmbodimentSpec:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
-def _joints(n: int) -> Tuple[str, ...]:
+def _joints(n: int) -> tuple[str, ...]:
     return tuple(f"joint_{i}" for i in range(n)) + ("gripper",)
 
 
@@ -116,7 +116,7 @@ _BUILTIN_EMBODIMENTS = [
                    "UFactory xArm6 in pybullet: absolute joint targets (6) + gripper command."),
 ]
 
-EMBODIMENT_REGISTRY: Dict[str, EmbodimentSpec] = {spec.name: spec for spec in _BUILTIN_EMBODIMENTS}
+EMBODIMENT_REGISTRY: dict[str, EmbodimentSpec] = {spec.name: spec for spec in _BUILTIN_EMBODIMENTS}
 
 
 def register_embodiment(spec: EmbodimentSpec, exist_ok: bool = True) -> EmbodimentSpec:
@@ -167,16 +167,16 @@ def check_finite(values: ArrayLike, what: str) -> None:
 class EmbodimentStats:
     """Action statistics of one embodiment, per dimension (each a list of ``action_dim`` floats)."""
 
-    mean: List[float]
-    std: List[float]
-    q01: List[float]
-    q99: List[float]
-    min: List[float] = field(default_factory=list)
-    max: List[float] = field(default_factory=list)
+    mean: list[float]
+    std: list[float]
+    q01: list[float]
+    q99: list[float]
+    min: list[float] = field(default_factory=list)
+    max: list[float] = field(default_factory=list)
     count: int = 0
 
     @classmethod
-    def from_actions(cls, actions: ArrayLike) -> "EmbodimentStats":
+    def from_actions(cls, actions: ArrayLike) -> EmbodimentStats:
         """Measure statistics from raw actions of shape ``(N, action_dim)``."""
         a = np.asarray(actions.numpy() if isinstance(actions, torch.Tensor) else actions, dtype=np.float64)
         if a.ndim != 2 or a.shape[0] == 0:
@@ -189,7 +189,7 @@ class EmbodimentStats:
         )
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "EmbodimentStats":
+    def from_dict(cls, d: Mapping) -> EmbodimentStats:
         missing = [k for k in ("mean", "std", "q01", "q99") if k not in d]
         if missing:
             raise ValueError(f"Action statistics lack {missing}; expected keys mean, std, q01, q99 (min, max, count optional).")
@@ -227,8 +227,8 @@ class ActionNormalizer:
         self,
         max_action_dim: int = 32,
         mode: str = "quantile",
-        stats: Optional[Mapping[str, EmbodimentStats]] = None,
-        embodiments: Optional[Mapping[str, EmbodimentSpec]] = None,
+        stats: Mapping[str, EmbodimentStats] | None = None,
+        embodiments: Mapping[str, EmbodimentSpec] | None = None,
         eps: float = 1e-6,
     ):
         if mode not in NORMALIZATION_MODES:
@@ -238,15 +238,15 @@ class ActionNormalizer:
         self.max_action_dim = int(max_action_dim)
         self.mode = mode
         self.eps = float(eps)
-        self.stats: Dict[str, EmbodimentStats] = {}
-        self.embodiments: Dict[str, EmbodimentSpec] = {}
-        self._affine_cache: Dict[Tuple[str, torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stats: dict[str, EmbodimentStats] = {}
+        self.embodiments: dict[str, EmbodimentSpec] = {}
+        self._affine_cache: dict[tuple[str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         for name, st in (stats or {}).items():
             spec = (embodiments or {}).get(name) or get_embodiment(name)
             self.add_embodiment(spec, st)
 
     # ----------------------------------------------------------------------------------------- setup
-    def add_embodiment(self, spec: EmbodimentSpec, stats: Union[EmbodimentStats, Mapping, ArrayLike]) -> None:
+    def add_embodiment(self, spec: EmbodimentSpec, stats: EmbodimentStats | Mapping | ArrayLike) -> None:
         """Attach statistics for ``spec``: an ``EmbodimentStats``, a stats dict, or raw actions (N, A)."""
         if spec.action_dim > self.max_action_dim:
             raise ValueError(
@@ -268,7 +268,7 @@ class ActionNormalizer:
         self._affine_cache = {k: v for k, v in self._affine_cache.items() if k[0] != spec.name}
 
     @property
-    def embodiment_names(self) -> List[str]:
+    def embodiment_names(self) -> list[str]:
         return sorted(self.stats)
 
     def spec(self, embodiment: str) -> EmbodimentSpec:
@@ -283,7 +283,7 @@ class ActionNormalizer:
             )
         return self.embodiments[embodiment]
 
-    def _affine(self, embodiment: str, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _affine(self, embodiment: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(offset, scale)`` of shape (action_dim,) with normalized = (raw - offset) / scale."""
         key = (embodiment, torch.device(device), dtype)
         if key not in self._affine_cache:
@@ -308,7 +308,7 @@ class ActionNormalizer:
         mask[: self.spec(embodiment).action_dim] = True
         return mask
 
-    def normalize(self, actions: ArrayLike, embodiment: str, clip: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    def normalize(self, actions: ArrayLike, embodiment: str, clip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ``(..., action_dim)`` -> (normalized padded ``(..., D_max)`` float32, dim mask ``(D_max,)``)."""
         spec = self.spec(embodiment)
         a = _as_float_tensor(actions)
@@ -349,7 +349,7 @@ class ActionNormalizer:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "ActionNormalizer":
+    def from_dict(cls, d: Mapping) -> ActionNormalizer:
         try:
             specs = {n: EmbodimentSpec.from_dict(s) for n, s in d.get("embodiments", {}).items()}
             stats = {n: EmbodimentStats.from_dict(s) for n, s in d["stats"].items()}
@@ -359,7 +359,7 @@ class ActionNormalizer:
         except KeyError as e:
             raise ValueError(f"Normalizer data lacks the field {e}; expected max_action_dim, mode, embodiments, stats.") from None
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, ACTION_NORMALIZER_NAME)
         tmp = path + ".tmp"
@@ -369,7 +369,7 @@ class ActionNormalizer:
         return path
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: Union[str, os.PathLike], **hub_kwargs) -> "ActionNormalizer":
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, **hub_kwargs) -> ActionNormalizer:
         """Load ``action_normalizer.json`` from a folder, a file, or a Hub repo id."""
         path = str(path_or_repo)
         if os.path.isdir(path):
@@ -401,7 +401,7 @@ def _as_float_tensor(x: ArrayLike) -> torch.Tensor:
     return torch.as_tensor(np.asarray(x, dtype=np.float32))
 
 
-def pad_actions(actions: torch.Tensor, max_action_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def pad_actions(actions: torch.Tensor, max_action_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-pad ``(..., A)`` to ``(..., D_max)``; returns (padded, dim mask ``(D_max,)`` bool)."""
     a = actions.shape[-1]
     if a > max_action_dim:

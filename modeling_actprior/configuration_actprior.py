@@ -149,11 +149,11 @@ class ActionPriorConfig(PreTrainedConfig):
             )
 
     @classmethod
-    def from_preset(cls, preset: str, **overrides) -> "ActionPriorConfig":
+    def from_preset(cls, preset: str, **overrides) -> ActionPriorConfig:
         """A config of size ``preset`` (``"tiny"``, ``"small"`` or ``"base"``), any field overridable."""
         if preset not in ACTPRIOR_PRESETS:
             raise ValueError(f"Unknown ActionPriorConfig preset {preset!r}; choose from {sorted(ACTPRIOR_PRESETS)}.")
         return cls(**{**ACTPRIOR_PRESETS[preset], **overrides})
 
 
-__all__ = ["ActionPriorConfig", "ACTPRIOR_PRESETS", "ACTPRIOR_CONFIG_VERSION"]
+__all__ = ["ACTPRIOR_CONFIG_VERSION", "ACTPRIOR_PRESETS", "ActionPriorConfig"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -73,13 +72,13 @@ class ActionPriorOutput(ModelOutput):
         latent (`ActionPriorLatent`): the encoder's posterior for this batch.
     """
 
-    loss: Optional[torch.Tensor] = None
-    flow_loss: Optional[torch.Tensor] = None
-    kl_loss: Optional[torch.Tensor] = None
-    velocity: Optional[torch.Tensor] = None
-    target_velocity: Optional[torch.Tensor] = None
-    timesteps: Optional[torch.Tensor] = None
-    latent: Optional[ActionPriorLatent] = None
+    loss: torch.Tensor | None = None
+    flow_loss: torch.Tensor | None = None
+    kl_loss: torch.Tensor | None = None
+    velocity: torch.Tensor | None = None
+    target_velocity: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+    latent: ActionPriorLatent | None = None
 
 
 # --------------------------------------------------------------------------------------------- blocks
@@ -120,8 +119,8 @@ class ActionHistoryEncoder(nn.Module):
         history: torch.Tensor,
         history_mask: torch.Tensor,
         dim_mask: torch.Tensor,
-        state: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             history: ``(B, K', D_max)`` normalized, padded; ``K' <= K``, the most recent step last.
@@ -191,9 +190,9 @@ class FlowMatchingActionDecoder(nn.Module):
         self,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        z: Optional[torch.Tensor],
+        z: torch.Tensor | None,
         dim_mask: torch.Tensor,
-        latent_condition: Optional[torch.Tensor] = None,
+        latent_condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -263,7 +262,7 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
         self.encoder = ActionHistoryEncoder(config)
         self.decoder = FlowMatchingActionDecoder(config)
         self.scheduler = FlowMatchingActionScheduler(num_inference_steps=config.num_inference_steps)
-        self.normalizer: Optional[ActionNormalizer] = None
+        self.normalizer: ActionNormalizer | None = None
         self.post_init()
 
     # ------------------------------------------------------------------------------------ checks
@@ -298,11 +297,11 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
     def encode(
         self,
         history: torch.Tensor,
-        history_mask: Optional[torch.Tensor] = None,
-        dim_mask: Optional[torch.Tensor] = None,
-        state: Optional[torch.Tensor] = None,
+        history_mask: torch.Tensor | None = None,
+        dim_mask: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
         sample: bool = False,
-        generator: Optional[torch.Generator] = None,
+        generator: torch.Generator | None = None,
     ) -> ActionPriorLatent:
         """Summarize past actions into the prior's latent.
 
@@ -325,7 +324,7 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
         return ActionPriorLatent(mean=mean, logvar=logvar, sample=z)
 
     # ------------------------------------------------------------------------------------ training
-    def sample_time(self, batch_size: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample_time(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """Flow times ``(B,)`` from the configured density, mapped into ``[time_min, time_max]``."""
         c = self.config
         if c.time_sampling == "uniform":
@@ -342,16 +341,16 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
         self,
         history: torch.Tensor,
         actions: torch.Tensor,
-        history_mask: Optional[torch.Tensor] = None,
-        action_mask: Optional[torch.Tensor] = None,
-        dim_mask: Optional[torch.Tensor] = None,
-        state: Optional[torch.Tensor] = None,
-        noise: Optional[torch.Tensor] = None,
-        timesteps: Optional[torch.Tensor] = None,
-        generator: Optional[torch.Generator] = None,
+        history_mask: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
+        dim_mask: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
         return_dict: bool = True,
         **kwargs,
-    ) -> Union[ActionPriorOutput, tuple]:
+    ) -> ActionPriorOutput | tuple:
         """Flow-matching loss for a batch of windows.
 
         Args:
@@ -397,11 +396,11 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
     def sample_actions(
         self,
         z: torch.Tensor,
-        dim_mask: Optional[torch.Tensor] = None,
-        num_inference_steps: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-        noise: Optional[torch.Tensor] = None,
-        scheduler: Optional[FlowMatchingActionScheduler] = None,
+        dim_mask: torch.Tensor | None = None,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        scheduler: FlowMatchingActionScheduler | None = None,
     ) -> torch.Tensor:
         """Integrate the decoder's flow from noise to a chunk, given latents.
 
@@ -432,8 +431,8 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
         self,
         history,
         embodiment: str,
-        num_inference_steps: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        num_inference_steps: int | None = None,
+        generator: torch.Generator | None = None,
         sample_latent: bool = False,
     ) -> torch.Tensor:
         """Raw past actions -> the next chunk in raw units, through the checkpoint's normalizer.
@@ -473,7 +472,7 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
         return raw[0] if single else raw
 
     # ------------------------------------------------------------------------------------ hub I/O
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], *args, **kwargs):
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Weights (safetensors), config, ``scheduler/`` and ``action_normalizer.json``."""
         kwargs.setdefault("safe_serialization", True)
         if not kwargs["safe_serialization"]:
@@ -537,6 +536,11 @@ def _beta_icdf_sample(n: int, a: float, b: float, generator, device) -> torch.Te
 
 
 __all__ = [
-    "ActionPriorModel", "ActionPriorPreTrainedModel", "ActionPriorOutput", "ActionPriorLatent",
-    "ActionHistoryEncoder", "FlowMatchingActionDecoder", "gaussian_kl",
+    "ActionHistoryEncoder",
+    "ActionPriorLatent",
+    "ActionPriorModel",
+    "ActionPriorOutput",
+    "ActionPriorPreTrainedModel",
+    "FlowMatchingActionDecoder",
+    "gaussian_kl",
 ]

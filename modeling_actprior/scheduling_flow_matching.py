@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -46,7 +45,7 @@ class FlowMatchingSchedulerOutput(BaseOutput):
     """
 
     prev_sample: torch.Tensor
-    pred_original_sample: Optional[torch.Tensor] = None
+    pred_original_sample: torch.Tensor | None = None
 
 
 class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
@@ -74,7 +73,7 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"FlowMatchingActionScheduler needs 0 <= t_min < t_max <= 1; got {t_min}, {t_max}.")
         self.set_timesteps(num_inference_steps)
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device, None] = None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None):
         """Lay the uniform grid of ``num_inference_steps`` intervals from ``t_max`` to ``t_min``."""
         n = int(num_inference_steps if num_inference_steps is not None else self.config.num_inference_steps)
         if n <= 0:
@@ -90,7 +89,7 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = 0
         self._heun_state = None  # (x at sigma_i, v at sigma_i) between predictor and corrector
 
-    def for_run(self, num_inference_steps: Optional[int] = None, device=None) -> "FlowMatchingActionScheduler":
+    def for_run(self, num_inference_steps: int | None = None, device=None) -> FlowMatchingActionScheduler:
         """A private copy with its timesteps set, so concurrent samplers never share step state."""
         run = copy.copy(self)
         run.set_timesteps(num_inference_steps, device=device)
@@ -106,10 +105,10 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
     def step(
         self,
         model_output: torch.Tensor,
-        timestep: Union[float, torch.Tensor],
+        timestep: float | torch.Tensor,
         sample: torch.Tensor,
         return_dict: bool = True,
-    ) -> Union[FlowMatchingSchedulerOutput, tuple]:
+    ) -> FlowMatchingSchedulerOutput | tuple:
         """One integration step.
 
         Args:
