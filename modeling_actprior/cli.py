@@ -1,0 +1,76 @@
+"""The ``actprior`` command line: ``actprior <command> --help`` for each command's options."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, help). Each module defines `add_<name>_arguments(parser)` and `run_<name>(args)`;
+# modules import lazily so `actprior --help` stays fast and simulators load only when asked for.
+COMMANDS = {
+    "generate": ("modeling_actprior.sim.generate", "generate a LeRobot v3 dataset with scripted experts in a simulator"),
+    "info": ("modeling_actprior.cli", "summarize a dataset folder or a checkpoint"),
+}
+
+
+def add_info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a LeRobot dataset folder or a checkpoint folder")
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    if os.path.isfile(os.path.join(args.path, "meta", "info.json")):
+        from modeling_actprior.data import LeRobotDatasetMeta
+
+        meta = LeRobotDatasetMeta(args.path)
+        spec = meta.embodiment
+        print(f"dataset {args.path}: robot {spec.name} ({spec.action_dim}-D {spec.control_mode}: "
+              f"{', '.join(spec.action_names)}), {meta.num_episodes} episodes, {meta.num_frames} frames at "
+              f"{meta.fps} fps, cameras: {', '.join(meta.camera_keys) or 'none'}")
+        return 0
+    if os.path.isfile(os.path.join(args.path, "config.json")):
+        from transformers import AutoModel
+
+        import modeling_actprior  # noqa: F401  (registers the model types)
+
+        model = AutoModel.from_pretrained(args.path)
+        norm = getattr(model, "normalizer", None)
+        print(json.dumps({
+            "model_type": model.config.model_type,
+            "parameters": model.num_parameters(),
+            "embodiments": norm.embodiment_names if norm is not None else [],
+            "chunk_size": model.config.chunk_size,
+            "history_length": getattr(model.config, "history_length", None),
+        }, indent=2))
+        return 0
+    print(f"error: {args.path} is neither a LeRobot dataset (meta/info.json) nor a checkpoint (config.json)",
+          file=sys.stderr)
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actprior", description="Action priors for cross-embodiment robot learning.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(module)
+        getattr(mod, f"add_{name.replace('-', '_')}_arguments")(p)
+        p.set_defaults(_module=module, _run=f"run_{name.replace('-', '_')}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    result = getattr(importlib.import_module(args._module), args._run)(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

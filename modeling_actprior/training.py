@@ -1,0 +1,283 @@
+"""What both training stages share: options from the command line and YAML, crash-safe checkpoints,
+preemption handling, the data order that survives a restart, and the loss-curve plot.
+
+Checkpoint layout under ``output_dir``::
+
+    checkpoints/step-000200/      accelerator.save_state(...) + trainer_state.json
+    checkpoints/step-000400/
+    final/                         save_pretrained(...) of the trained model, card, plots
+
+A checkpoint is written into ``checkpoints/.tmp-step-XXXXXX``, fsynced, then renamed: a run killed at
+any moment leaves only complete ``step-*`` folders, and ``--resume_from_checkpoint latest`` picks the
+newest of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------- options
+def parse_with_yaml(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; values from ``--config FILE.yaml`` act as defaults that the command line overrides.
+
+    Unknown keys in the YAML file are an error naming them, so a typo never silently trains something else.
+    """
+    pre, _ = parser.parse_known_args(argv)
+    if getattr(pre, "config", None):
+        import yaml
+
+        with open(pre.config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            parser.error(f"{pre.config} must hold a mapping of option: value; got {type(values).__name__}.")
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+        if unknown:
+            parser.error(f"{pre.config}: unknown option(s) {unknown}. Valid options: {sorted(known - {'help', 'config'})}.")
+        parser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    return parser.parse_args(argv)
+
+
+def add_config_field_arguments(parser: argparse.ArgumentParser, config_cls, group_title: str) -> list[str]:
+    """One ``--<field>`` option per field of a dataclass-style transformers config (default: keep the preset's)."""
+    group = parser.add_argument_group(group_title)
+    names = []
+    base_fields = {f.name for f in dataclasses.fields(config_cls.__mro__[1])} if dataclasses.is_dataclass(config_cls.__mro__[1]) else set()
+    for f in dataclasses.fields(config_cls):
+        if f.name in base_fields or f.name.startswith("_") or f.type not in ("int", "float", "str", "bool", int, float, str, bool):
+            continue
+        typ = {"int": int, "float": float, "str": str, "bool": _str2bool}.get(f.type, f.type if f.type is not bool else _str2bool)
+        group.add_argument(f"--{f.name}", type=typ, default=None, help=f"override {config_cls.__name__}.{f.name}")
+        names.append(f.name)
+    return names
+
+
+def _str2bool(v: str) -> bool:
+    if str(v).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(v).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def parse_dataset_specs(specs: Sequence[str]) -> list[tuple]:
+    """``["path", "path2:3.0"]`` -> ``[(path, 1.0), (path2, 3.0)]``. A folder holding several datasets
+    (one per robot, as ``actprior generate`` writes) expands to each of them with the same weight."""
+    out = []
+    for spec in specs:
+        path, weight = spec, 1.0
+        m = re.match(r"^(.*):([0-9]*\.?[0-9]+)$", spec)
+        if m and not os.path.exists(spec):
+            path, weight = m.group(1), float(m.group(2))
+        if weight <= 0:
+            raise ValueError(f"Dataset weight must be positive; got {weight} in {spec!r}.")
+        if os.path.isfile(os.path.join(path, "meta", "info.json")):
+            out.append((path, weight))
+            continue
+        subs = sorted(os.path.join(path, d) for d in (os.listdir(path) if os.path.isdir(path) else [])
+                      if os.path.isfile(os.path.join(path, d, "meta", "info.json")))
+        if not subs:
+            raise FileNotFoundError(
+                f"--dataset {spec!r}: no LeRobot dataset there (expected {path}/meta/info.json, or sub-folders that "
+                "have one). Generate one with `actprior generate --sim metaworld --out DIR --episodes 5`."
+            )
+        out.extend((s, weight) for s in subs)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- data order
+def endless_batches(mixture, batch_size: int, consumed: int, rank: int = 0, world: int = 1,
+                    collate=None, num_workers: int = 0) -> Iterator[dict]:
+    """Batches from a ``MixtureDataset`` forever, epoch after epoch, resumable.
+
+    ``consumed`` counts draws already used by all processes together; the mixture's draw ``k`` of epoch
+    ``e`` is a fixed function of ``(seed, e, k)``, so a resumed run sees exactly the batches an uninterrupted
+    one would. Rank ``r`` of ``world`` takes draws ``r, r + world, ...``. ``mixture.num_samples`` must be a
+    multiple of ``batch_size * world`` so no draw is dropped at an epoch's end.
+    """
+    per_step = batch_size * world
+    if mixture.num_samples % per_step:
+        raise ValueError(f"mixture.num_samples={mixture.num_samples} must be a multiple of batch_size x processes={per_step}.")
+    epoch, start = divmod(int(consumed), mixture.num_samples)
+    while True:
+        mixture.set_epoch(epoch)
+        mixture.set_start(start)
+        loader = torch.utils.data.DataLoader(
+            mixture, batch_size=batch_size, sampler=list(range(rank, len(mixture), world)),
+            collate_fn=collate, num_workers=num_workers, persistent_workers=False,
+            # Its own generator: a new iterator must not draw from the global RNG, or a resumed run
+            # (which creates its iterator at a different step) would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(epoch),
+        )
+        yield from loader
+        epoch, start = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir: str) -> list[str]:
+    root = os.path.join(output_dir, CHECKPOINT_DIR)
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d))
+                   and os.path.isfile(os.path.join(root, d, TRAINER_STATE)))
+    return [os.path.join(root, d) for _, d in steps]
+
+
+def resolve_resume(output_dir: str, resume: str | None) -> str | None:
+    """``None`` -> None; ``"latest"`` -> newest complete checkpoint or None (fresh start); a path -> that path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    if not os.path.isfile(os.path.join(resume, TRAINER_STATE)):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume}: not a complete checkpoint (no {TRAINER_STATE}). Use 'latest' or a "
+            f"folder under {os.path.join(output_dir, CHECKPOINT_DIR)}."
+        )
+    return resume
+
+
+def _fsync_tree(path: str) -> None:
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict[str, Any], keep_last: int = 3) -> str:
+    """Atomically write ``checkpoints/step-XXXXXX`` (call on every rank; rank 0 renames and prunes)."""
+    root = os.path.join(output_dir, CHECKPOINT_DIR)
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = os.path.join(root, f".tmp-step-{step:06d}")
+    if accelerator.is_main_process:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp, safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
+            json.dump({**trainer_state, "step": step}, f, indent=2)
+        _fsync_tree(tmp)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_trainer_state(checkpoint: str) -> dict[str, Any]:
+    with open(os.path.join(checkpoint, TRAINER_STATE)) as f:
+        return json.load(f)
+
+
+def check_output_dir_writable(output_dir: str, min_free_mb: float = 50.0) -> None:
+    """Fail before training if ``output_dir`` can't be written or its disk is (nearly) full."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"--output_dir {output_dir} is not writable ({e}). Choose a folder you can write to.") from None
+    free_mb = shutil.disk_usage(output_dir).free / 2**20
+    if free_mb < min_free_mb:
+        raise OSError(f"--output_dir {output_dir}: only {free_mb:.0f} MiB free; checkpoints need at least {min_free_mb:.0f} MiB.")
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (the usual preemption signal) into a flag the loop checks at step boundaries, so the
+    run writes a last checkpoint and exits cleanly instead of dying mid-step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------------- reporting
+def plot_curves(history: list[dict[str, float]], keys: Sequence[str], path: str, title: str) -> str | None:
+    """Loss curves against step, one line per key found in ``history``; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    drawn = False
+    for key in keys:
+        pts = [(h["step"], h[key]) for h in history if key in h and h[key] is not None and math.isfinite(h[key])]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def model_card_template(name: str) -> str:
+    """Path of a card template in the repository's ``model_cards/`` folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for root in (os.path.join(here, "..", "model_cards"), os.path.join(here, "model_cards")):
+        path = os.path.normpath(os.path.join(root, name))
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"Model card template {name} not found next to the package (model_cards/{name}).")
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str], fmt: Callable[[Any], str] = None) -> str:
+    fmt = fmt or (lambda v: f"{v:.4f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

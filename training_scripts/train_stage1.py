@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Stage 1: train the action prior on action trajectories alone, across embodiments.
+
+    accelerate launch training_scripts/train_stage1.py --dataset data/corpus --output_dir runs/prior \
+        --max_steps 2000 --model_preset small
+    python training_scripts/train_stage1.py --config training_scripts/configs/stage1_small.yaml
+
+The same file runs on one CPU process or on many GPUs (see ``training_scripts/configs/`` for accelerate
+configs). What it leaves in ``--output_dir``:
+
+* ``checkpoints/step-XXXXXX/``: ``accelerator.save_state`` + ``trainer_state.json``, written atomically;
+  ``--resume_from_checkpoint latest`` continues with the same data order and learning-rate schedule;
+* ``final/``: the trained prior (``save_pretrained``: safetensors, config, scheduler, normalization stats,
+  remote-code files), ``eval_results.json``, ``loss_curve.png`` and a model card ``README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+import modeling_actprior as ap
+from modeling_actprior.data import (
+    ActionWindowDataset,
+    MixtureDataset,
+    collate_windows,
+    fit_normalizer,
+    load_lerobot_dataset,
+    split_episodes,
+)
+from modeling_actprior.evaluation import evaluate_prior, mean_chunk
+from modeling_actprior.training import (
+    PreemptionGuard,
+    add_config_field_arguments,
+    check_output_dir_writable,
+    endless_batches,
+    load_trainer_state,
+    markdown_table,
+    model_card_template,
+    parse_dataset_specs,
+    parse_with_yaml,
+    plot_curves,
+    resolve_resume,
+    save_checkpoint,
+)
+
+logger = logging.getLogger("actprior.stage1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of options (same names as below); the command line overrides it")
+    p.add_argument("--dataset", nargs="+", required=False, default=None,
+                   help="LeRobot dataset folders (or folders of them), each optionally PATH:WEIGHT for the mixture")
+    p.add_argument("--output_dir", default="runs/stage1")
+    p.add_argument("--max_steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model_preset", choices=sorted(ap.ACTPRIOR_PRESETS), default="small")
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    p.add_argument("--batch_size", type=int, default=64, help="windows per process per optimizer step")
+    p.add_argument("--learning_rate", type=float, default=3e-4)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    p.add_argument("--warmup_steps", type=int, default=100)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="default: what `accelerate config` says (fp32 on CPU is fastest here)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out, per dataset")
+    p.add_argument("--eval_every", type=int, default=250, help="validation flow loss every N steps (0: off)")
+    p.add_argument("--checkpoint_every", type=int, default=500, help="save a resumable checkpoint every N steps")
+    p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
+    p.add_argument("--eval_windows", type=int, default=1024, help="held-out windows per embodiment in the final evaluation")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (accelerate trackers)")
+    p.add_argument("--normalization", choices=["quantile", "mean_std"], default="quantile")
+    p.add_argument("--no_progress", action="store_true")
+    add_config_field_arguments(p, ap.ActionPriorConfig, "model config overrides (default: the preset's value)")
+    return p
+
+
+def build_config(args, field_names: Sequence[str]) -> ap.ActionPriorConfig:
+    overrides = {k: getattr(args, k) for k in field_names if getattr(args, k, None) is not None}
+    return ap.ActionPriorConfig.from_preset(args.model_preset, **overrides)
+
+
+def build_data(args, config: ap.ActionPriorConfig):
+    """Load corpora, split each by episode; normalization statistics come from each dataset's meta/stats.json
+    (pooled per embodiment), as LeRobot does."""
+    specs = parse_dataset_specs(args.dataset)
+    corpora = [(load_lerobot_dataset(path), w) for path, w in specs]
+    splits = [split_episodes(ds.num_episodes, args.val_fraction, args.seed) for ds, _ in corpora]
+
+    normalizer = fit_normalizer([ds for ds, _ in corpora], config.max_action_dim, mode=args.normalization)
+
+    window_kw = dict(normalizer=normalizer, history=config.history_length, chunk=config.chunk_size)
+    train_sets, weights, val_sets = [], [], {}
+    for (ds, w), (train_eps, val_eps) in zip(corpora, splits):
+        train_sets.append(ActionWindowDataset(ds, episodes=train_eps, **window_kw))
+        weights.append(w)
+        if len(val_eps):
+            val_sets.setdefault(ds.embodiment.name, []).append(ActionWindowDataset(ds, episodes=val_eps, **window_kw))
+    summary = {
+        "datasets": [{"path": ds.root, "embodiment": ds.embodiment.name, "episodes": ds.num_episodes,
+                      "frames": ds.num_frames, "weight": w, "train_episodes": len(tr), "val_episodes": len(va)}
+                     for (ds, w), (tr, va) in zip(corpora, splits)],
+    }
+    return train_sets, weights, val_sets, normalizer, summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parse_with_yaml(parser, argv)
+    if not args.dataset:
+        parser.error("--dataset is required (on the command line or in --config).")
+    field_names = [a.dest for g in parser._action_groups if g.title.startswith("model config") for a in g._group_actions]
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("accelerate", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+    )
+    if accelerator.is_main_process:
+        check_output_dir_writable(args.output_dir)
+    set_seed(args.seed, device_specific=False)
+
+    # ---------------------------------------------------------------- build
+    config = build_config(args, field_names)
+    train_sets, weights, val_sets, normalizer, corpus = build_data(args, config)
+    per_step = args.batch_size * accelerator.num_processes
+    total_windows = sum(len(t) for t in train_sets)
+    if per_step * args.gradient_accumulation_steps > total_windows:
+        raise ValueError(
+            f"A global batch of {per_step * args.gradient_accumulation_steps} windows (batch_size {args.batch_size} x "
+            f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation) exceeds the "
+            f"{total_windows} training windows of the corpus. Lower --batch_size or generate more episodes."
+        )
+    # An epoch is a whole number of global batches, drawn from the datasets with the mixture weights.
+    train_data = MixtureDataset(train_sets, weights, num_samples=total_windows // per_step * per_step, seed=args.seed)
+    model = ap.ActionPriorModel(config)
+    model.normalizer = normalizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
+                                 num_training_steps=args.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # Stepped once per optimizer step by us (not by accelerate, which would step it once per process).
+    accelerator.register_for_checkpointing(lr_scheduler)
+
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    step, history = 0, []
+    if resume:
+        accelerator.load_state(resume)
+        state = load_trainer_state(resume)
+        step, history = state["step"], state.get("history", [])
+        logger.info("resumed from %s at step %d", resume, step)
+
+    consumed = step * args.gradient_accumulation_steps * per_step
+    batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
+                              accelerator.num_processes, collate_windows, args.num_workers)
+    val_batches = _fixed_val_batches(val_sets, args.batch_size, seed=args.seed)
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers("actprior-stage1", config={k: v for k, v in vars(args).items()
+                                                              if isinstance(v, (int, float, str, bool))})
+        logger.info("corpus: %s", json.dumps(corpus["datasets"]))
+        logger.info("model: %d parameters (%s preset); %d training windows", model.num_parameters()
+                    if hasattr(model, "num_parameters") else 0, args.model_preset, total_windows)
+
+    # ---------------------------------------------------------------- train
+    guard = PreemptionGuard()
+    bar = tqdm(total=args.max_steps, initial=step, desc="stage1", disable=args.no_progress or not accelerator.is_main_process)
+    model.train()
+    data_wait = compute = 0.0
+    running: dict[str, float] = {}
+    interrupted = False
+    while step < args.max_steps:
+        for _ in range(args.gradient_accumulation_steps):
+            t0 = time.perf_counter()
+            batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in next(batches).items()}
+            t1 = time.perf_counter()
+            with accelerator.accumulate(model):
+                out = model(**batch)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            data_wait += t1 - t0
+            compute += time.perf_counter() - t1
+            for k in ("loss", "flow_loss", "kl_loss"):
+                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.gradient_accumulation_steps
+        lr_scheduler.step()
+        step += 1
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            logs = {k: v / args.log_every if step % args.log_every == 0 else v / (step % args.log_every)
+                    for k, v in running.items()}
+            logs.update(lr=lr_scheduler.get_last_lr()[0], data_wait_fraction=data_wait / max(1e-9, data_wait + compute))
+            running = {}
+            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps) and val_batches:
+                logs["val_flow_loss"] = _val_loss(model, val_batches, accelerator, seed=args.seed)
+            accelerator.log(logs, step=step)
+            history.append({"step": step, **{k: float(v) for k, v in logs.items()}})
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+        stop_now = guard.requested
+        if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
+            save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": _jsonable(vars(args))},
+                            keep_last=args.keep_last)
+        if stop_now:
+            logger.warning("SIGTERM received: checkpoint written at step %d; resume with --resume_from_checkpoint latest", step)
+            interrupted = True
+            break
+    bar.close()
+    guard.close()
+
+    identical = _ranks_agree(accelerator, model)
+    result = {"step": step, "interrupted": interrupted, "ranks_identical": identical,
+              "num_processes": accelerator.num_processes}
+    if not interrupted:
+        result.update(_finish(args, accelerator, model, config, corpus, history, val_sets, train_sets))
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "run_summary.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _fixed_val_batches(val_sets, batch_size: int, seed: int, max_batches: int = 4) -> list[dict]:
+    """A few fixed held-out batches for the running validation loss (same windows every time)."""
+    out = []
+    rng = np.random.default_rng(seed)
+    for emb in sorted(val_sets):
+        for ds in val_sets[emb]:
+            idx = rng.choice(len(ds), size=min(batch_size, len(ds)), replace=False)
+            out.append(collate_windows([ds[int(i)] for i in idx]))
+    return out[:max_batches * max(1, len(val_sets))]
+
+
+@torch.no_grad()
+def _val_loss(model, val_batches, accelerator, seed: int) -> float:
+    model.eval()
+    gen = torch.Generator(device=accelerator.device).manual_seed(seed)
+    total = 0.0
+    for b in val_batches:
+        b = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+        total += model(**b, generator=gen).flow_loss.item()
+    model.train()
+    return total / len(val_batches)
+
+
+def _ranks_agree(accelerator, model) -> bool:
+    """True when every process holds bit-identical weights (DDP must keep them so)."""
+    flat = torch.cat([p.detach().float().flatten() for p in accelerator.unwrap_model(model).parameters()])
+    digest = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), device=flat.device) % 9973).sum()])
+    gathered = accelerator.gather(digest[None]).reshape(-1, 2)
+    return bool(torch.all(gathered == gathered[0]))
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def _finish(args, accelerator, model, config, corpus, history, val_sets, train_sets) -> dict:
+    """Evaluate on held-out episodes, save the final model with its card and plots (main process)."""
+    if not accelerator.is_main_process:
+        return {}
+    model = accelerator.unwrap_model(model)
+    final = os.path.join(args.output_dir, "final")
+    os.makedirs(final, exist_ok=True)
+    by_emb: dict[str, list] = {}
+    for ds in train_sets:
+        by_emb.setdefault(ds.embodiment, []).append(ds)
+    mean_chunks = {emb: mean_chunk(torch.utils.data.ConcatDataset(sets), collate_windows, seed=args.seed)
+                   for emb, sets in by_emb.items()}
+    evaluation = evaluate_prior(model, val_sets, mean_chunks, collate_windows, max_windows=args.eval_windows,
+                                seed=args.seed, progress=not args.no_progress) if val_sets else {}
+    model.save_pretrained(final)
+    curve = plot_curves(history, ["loss", "flow_loss", "val_flow_loss"], os.path.join(final, "loss_curve.png"),
+                        "Stage 1 action prior")
+    with open(os.path.join(final, "eval_results.json"), "w") as f:
+        json.dump({"evaluation": evaluation, "corpus": corpus, "history": history}, f, indent=2)
+    _write_card(final, model, config, corpus, evaluation, history, args, curve)
+    for emb, row in evaluation.items():
+        logger.info("%s: prior MSE %.4f | repeat-last %.4f | mean-chunk %.4f | active dims %d",
+                    emb, row["prior_mse"], row["repeat_last_mse"], row["mean_chunk_mse"], row["active_dims"])
+    return {"final": final, "evaluation": evaluation}
+
+
+def _write_card(final, model, config, corpus, evaluation, history, args, curve) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    embodiments = sorted({d["embodiment"] for d in corpus["datasets"]})
+    rows = [{"embodiment": e, **{k: evaluation[e][k] for k in ("windows", "prior_mse", "repeat_last_mse",
+                                                               "mean_chunk_mse", "prior_l1", "active_dims")}}
+            for e in sorted(evaluation)]
+    data = ModelCardData(library_name="transformers", pipeline_tag="robotics", license="apache-2.0",
+                         tags=["robotics", "action-prior", "flow-matching", "actprior", *embodiments])
+    card = ModelCard.from_template(
+        data, template_path=model_card_template("actprior_prior.md"),
+        embodiments=embodiments,
+        corpus_table=markdown_table(corpus["datasets"], ["embodiment", "episodes", "frames", "train_episodes",
+                                                         "val_episodes", "weight"]),
+        total_episodes=sum(d["episodes"] for d in corpus["datasets"]),
+        total_frames=sum(d["frames"] for d in corpus["datasets"]),
+        eval_table=markdown_table(rows, ["embodiment", "windows", "prior_mse", "repeat_last_mse", "mean_chunk_mse",
+                                         "prior_l1", "active_dims"]) if rows else "_no held-out episodes_",
+        config_json=json.dumps({k: v for k, v in config.to_diff_dict().items() if k not in ("auto_map",)}, indent=2),
+        parameters=model.num_parameters(),
+        steps=history[-1]["step"] if history else 0,
+        final_loss=history[-1]["loss"] if history else float("nan"),
+        loss_curve="loss_curve.png" if curve else None,
+        command="accelerate launch training_scripts/train_stage1.py " + " ".join(sys.argv[1:]),
+    )
+    card.save(os.path.join(final, "README.md"))
+
+
+if __name__ == "__main__":
+    main()
