@@ -139,3 +139,16 @@ def test_yaml_values_are_defaults_the_command_line_overrides(corpus, tmp_path):
                                 "--chunk_size", "8", "--history_length", "4", "--batch_size", "8", "--no_progress"])
     assert result["step"] == 3
     assert ap.ActionPriorConfig.from_pretrained(tmp_path / "o" / "final").latent_dim == 6
+
+
+def test_two_process_ddp_keeps_identical_weights(corpus, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         os.path.join(ROOT, "training_scripts", "configs", "cpu_ddp.yaml"), "--main_process_port", "29533", SCRIPT,
+         "--dataset", corpus, "--output_dir", str(out), "--max_steps", "4", "--checkpoint_every", "4", *TINY],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["ranks_identical"] is True

@@ -132,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     accelerator = Accelerator(
+        # Without any accelerator device, say so: then `--multi_gpu --num_processes N` is real DDP over gloo.
+        cpu=not torch.accelerator.is_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -185,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- train
     guard = PreemptionGuard()
+    start_step = step
     bar = tqdm(total=args.max_steps, initial=step, desc="stage1", disable=args.no_progress or not accelerator.is_main_process)
     model.train()
     data_wait = compute = 0.0
@@ -220,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             accelerator.log(logs, step=step)
             history.append({"step": step, **{k: float(v) for k, v in logs.items()}})
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if bar.disable and accelerator.is_main_process:
+                logger.info("step %d/%d %s", step, args.max_steps, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
 
         stop_now = guard.requested
         if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
@@ -233,8 +238,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     guard.close()
 
     identical = _ranks_agree(accelerator, model)
+    steps_run = step - start_step
     result = {"step": step, "interrupted": interrupted, "ranks_identical": identical,
-              "num_processes": accelerator.num_processes}
+              "num_processes": accelerator.num_processes,
+              "windows_per_second": steps_run * per_step * args.gradient_accumulation_steps / max(1e-9, data_wait + compute),
+              "data_wait_fraction": data_wait / max(1e-9, data_wait + compute)}
     if not interrupted:
         result.update(_finish(args, accelerator, model, config, corpus, history, val_sets, train_sets))
     accelerator.end_training()
