@@ -9,6 +9,7 @@ import sys
 # command -> (module, help). Each module defines `add_<name>_arguments(parser)` and `run_<name>(args)`;
 # modules import lazily so `actprior --help` stays fast and simulators load only when asked for.
 COMMANDS = {
+    "quickstart": ("modeling_actprior.quickstart", "the main job: generate a corpus, train the prior, evaluate, report"),
     "generate": ("modeling_actprior.sim.generate", "generate a LeRobot v3 dataset with scripted experts in a simulator"),
     "info": ("modeling_actprior.cli", "summarize a dataset folder or a checkpoint"),
 }
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     result = getattr(importlib.import_module(args._module), args._run)(args)
-    return int(result or 0)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

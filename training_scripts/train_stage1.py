@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from modeling_actprior.training import (
     add_config_field_arguments,
     check_output_dir_writable,
     endless_batches,
+    list_checkpoints,
     load_trainer_state,
     markdown_table,
     model_card_template,
@@ -69,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model_preset", choices=sorted(ap.ACTPRIOR_PRESETS), default="small")
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start afresh even if --output_dir holds checkpoints of an earlier run (they are deleted)")
     p.add_argument("--batch_size", type=int, default=64, help="windows per process per optimizer step")
     p.add_argument("--learning_rate", type=float, default=3e-4)
     p.add_argument("--weight_decay", type=float, default=1e-4)
@@ -166,6 +170,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     accelerator.register_for_checkpointing(lr_scheduler)
 
     resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    earlier = list_checkpoints(args.output_dir)
+    if earlier and not resume:
+        if not args.overwrite_output_dir:
+            raise FileExistsError(
+                f"--output_dir {args.output_dir} already holds checkpoints ({os.path.basename(earlier[-1])}). Resume "
+                "with --resume_from_checkpoint latest, or pass --overwrite_output_dir to start afresh."
+            )
+        if accelerator.is_main_process:
+            for old in earlier:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
     step, history = 0, []
     if resume:
         accelerator.load_state(resume)
