@@ -47,3 +47,19 @@ __all__ = [
     "pad_actions",
     "register_embodiment",
 ]
+
+# Stage 2: the VLA with an action prior, and its processor.
+from transformers import AutoProcessor  # noqa: E402
+
+from .configuration_actprior_vla import VLA_BASELINES, VLA_PRESETS, VLAWithPriorConfig  # noqa: E402
+from .modeling_actprior_vla import VLAWithPriorForAction, VLAWithPriorOutput  # noqa: E402
+from .processing_actprior import ActionPriorProcessor, build_instruction_tokenizer  # noqa: E402
+
+AutoConfig.register(VLAWithPriorConfig.model_type, VLAWithPriorConfig, exist_ok=True)
+AutoModel.register(VLAWithPriorConfig, VLAWithPriorForAction, exist_ok=True)
+AutoProcessor.register(VLAWithPriorConfig, ActionPriorProcessor, exist_ok=True)
+VLAWithPriorConfig.register_for_auto_class()
+VLAWithPriorForAction.register_for_auto_class("AutoModel")
+ActionPriorProcessor.register_for_auto_class("AutoProcessor")
+__all__ += ["VLA_BASELINES", "VLA_PRESETS", "ActionPriorProcessor", "VLAWithPriorConfig", "VLAWithPriorForAction",
+            "VLAWithPriorOutput", "build_instruction_tokenizer"]

@@ -42,8 +42,8 @@ class ActionPriorConfig(PreTrainedConfig):
             ``K``, number of past actions the encoder reads. Shorter histories are padded and masked;
             longer ones are an error.
         max_state_dim (`int`, defaults to 0):
-            Padded width of an optional proprioceptive state fed to the encoder with each past action.
-            0 disables states.
+            Padded width of an optional proprioceptive state of the current step, fed to the encoder's
+            summary token (standardized per dataset, zero-padded). 0 disables states.
         hidden_size (`int`, defaults to 256):
             Width of the encoder transformer.
         encoder_layers (`int`, defaults to 4):

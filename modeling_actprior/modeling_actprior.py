@@ -94,8 +94,9 @@ class ActionHistoryEncoder(nn.Module):
     """``E_phi``: past actions ``(B, K, D_max)`` -> Gaussian latent ``(B, d_z)`` x 2.
 
     Each history step is embedded from ``[action * dim_mask, dim_mask]`` (the mask tells the encoder
-    which robot-width it is reading) plus an optional state, with a learned position embedding. A learned
-    summary token attends over the real steps only; its output gives ``(mean, logvar)``.
+    which robot-width it is reading), with a learned position embedding. A learned summary token (plus
+    the embedded current state, when the config has ``max_state_dim > 0``) attends over the real steps
+    only; its output gives ``(mean, logvar)``.
     """
 
     def __init__(self, config: ActionPriorConfig):
@@ -126,7 +127,7 @@ class ActionHistoryEncoder(nn.Module):
             history: ``(B, K', D_max)`` normalized, padded; ``K' <= K``, the most recent step last.
             history_mask: ``(B, K')`` bool, True for real past actions.
             dim_mask: ``(B, D_max)`` bool, True for the embodiment's real dimensions.
-            state: ``(B, K', max_state_dim)`` normalized, padded, or None.
+            state: ``(B, max_state_dim)`` standardized, padded state at the current step, or None.
         Returns:
             ``(mean, logvar)``, each ``(B, d_z)``.
         """
@@ -135,11 +136,12 @@ class ActionHistoryEncoder(nn.Module):
         step_valid = history_mask.to(history.dtype)[..., None]
         feats = torch.cat([history * dm * step_valid, dm.expand(b, k, -1)], dim=-1)
         h = self.action_in(feats)
-        if self.state_in is not None and state is not None:
-            h = h + self.state_in(state * step_valid)
         # Right-align so the most recent action always sits at the last position embedding.
         h = h + self.position[:, -k:] if k > 0 else h
-        h = torch.cat([self.summary_token.expand(b, -1, -1).to(h.dtype), h], dim=1)
+        summary = self.summary_token.expand(b, -1, -1).to(h.dtype)
+        if self.state_in is not None and state is not None:
+            summary = summary + self.state_in(state.to(h.dtype))[:, None, :]
+        h = torch.cat([summary, h], dim=1)
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=h.device), ~history_mask.bool()], dim=1)
         h = self.layers(h, src_key_padding_mask=pad)
         stats = self.to_latent(self.norm(h[:, 0]))
@@ -164,8 +166,8 @@ class ModulatedResidualBlock(nn.Module):
 class FlowMatchingActionDecoder(nn.Module):
     """``D_psi``: velocity ``v(x_t, t, z)`` over a whole chunk, ``(B, H, D_max)`` -> ``(B, H, D_max)``.
 
-    The chunk is flattened and read together with the dimension mask; flow time (sinusoidal) and the
-    latent form the conditioning of ``decoder_layers`` modulated residual MLP blocks. The output is zero
+    The chunk is flattened and read together with the dimension mask, plus the latent's embedding; flow
+    time (sinusoidal) and the latent form the conditioning of ``decoder_layers`` modulated residual MLP blocks. The output is zero
     in padded dimensions.
     """
 
@@ -206,9 +208,12 @@ class FlowMatchingActionDecoder(nn.Module):
         b = x_t.shape[0]
         dm = dim_mask.to(x_t.dtype)
         x = (x_t * dm[:, None, :]).reshape(b, -1)
-        h = self.x_in(torch.cat([x, dm], dim=-1))
+        latent = latent_condition if latent_condition is not None else self.condition(z)
+        # The latent enters the residual stream directly (it carries where the motion is) and, with flow
+        # time, modulates every block (how to denoise at this t).
+        h = self.x_in(torch.cat([x, dm], dim=-1)) + latent
         cond = self.time_mlp(sinusoidal_time_embedding(t, self.config.time_embedding_dim).to(h.dtype))
-        cond = F.silu(cond + (latent_condition if latent_condition is not None else self.condition(z)))
+        cond = F.silu(cond + latent)
         for block in self.blocks:
             h = block(h, cond)
         v = self.out(self.norm_out(h)).reshape(b, self.config.chunk_size, self.config.max_action_dim)
@@ -309,7 +314,7 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
             history: ``(B, K', D_max)`` normalized, padded, ``K' <= history_length``.
             history_mask: ``(B, K')`` bool; default all True.
             dim_mask: ``(B, D_max)`` bool; default all True.
-            state: ``(B, K', max_state_dim)`` or None.
+            state: ``(B, max_state_dim)`` current state or None.
             sample: draw ``z = mean + sigma * eps`` instead of returning the mean as ``sample``.
         """
         b, k = history.shape[:2]
@@ -359,7 +364,7 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
             history_mask: ``(B, K')`` bool, True for real past steps (False before an episode's start).
             action_mask: ``(B, H)`` bool, True for real chunk steps (False past an episode's end).
             dim_mask: ``(B, D_max)`` bool, True for the embodiment's real dimensions.
-            state: ``(B, K', max_state_dim)`` or None.
+            state: ``(B, max_state_dim)`` current state (standardized, padded) or None.
             noise: ``(B, H, D_max)`` optional fixed noise; ``timesteps``: ``(B,)`` optional fixed flow times.
             kwargs: other batch entries (``embodiment``, ``episode_index``...) are accepted and ignored.
         """

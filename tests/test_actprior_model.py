@@ -238,3 +238,14 @@ def test_presets_grow_from_tiny_to_base():
     assert sizes[0] < 300_000 < sizes[1] < sizes[2]
     base = ap.ActionPriorConfig.from_preset("base")
     assert base.encoder_layers == 4 and base.decoder_layers == 4
+
+
+def test_current_state_reaches_the_latent_only_when_configured():
+    torch.manual_seed(0)
+    with_state = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", max_state_dim=5)).eval()
+    hist = torch.randn(2, 16, 32)
+    a = with_state.encode(hist, state=torch.zeros(2, 5)).mean
+    b = with_state.encode(hist, state=torch.ones(2, 5)).mean
+    assert not torch.allclose(a, b)
+    without = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny")).eval()
+    assert torch.equal(without.encode(hist, state=torch.zeros(2, 5)).mean, without.encode(hist, state=torch.ones(2, 5)).mean)

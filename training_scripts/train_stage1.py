@@ -110,7 +110,8 @@ def build_data(args, config: ap.ActionPriorConfig):
 
     normalizer = fit_normalizer([ds for ds, _ in corpora], config.max_action_dim, mode=args.normalization)
 
-    window_kw = dict(normalizer=normalizer, history=config.history_length, chunk=config.chunk_size)
+    window_kw = dict(normalizer=normalizer, history=config.history_length, chunk=config.chunk_size,
+                     include_state=config.max_state_dim > 0, max_state_dim=config.max_state_dim)
     train_sets, weights, val_sets = [], [], {}
     for (ds, w), (train_eps, val_eps) in zip(corpora, splits):
         train_sets.append(ActionWindowDataset(ds, episodes=train_eps, **window_kw))
