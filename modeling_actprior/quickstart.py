@@ -32,9 +32,9 @@ STAGE1_ROBOSUITE_TASKS = ("Lift", "Stack")
 
 def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="folder for data, checkpoints and the report")
-    parser.add_argument("--metaworld-episodes", type=int, default=6, help="episodes per Meta-World task")
-    parser.add_argument("--pybullet-episodes", type=int, default=8, help="episodes per pybullet task and arm")
-    parser.add_argument("--robosuite-episodes", type=int, default=4, help="episodes per robosuite task and arm")
+    parser.add_argument("--metaworld-episodes", type=int, default=10, help="episodes per Meta-World task")
+    parser.add_argument("--pybullet-episodes", type=int, default=20, help="episodes per pybullet task and arm")
+    parser.add_argument("--robosuite-episodes", type=int, default=10, help="episodes per robosuite task and arm")
     parser.add_argument("--stage1-steps", type=int, default=2500)
     parser.add_argument("--stage1-preset", default="small", choices=["tiny", "small", "base"])
     parser.add_argument("--batch-size", type=int, default=64)
