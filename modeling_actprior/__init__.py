@@ -63,3 +63,13 @@ VLAWithPriorForAction.register_for_auto_class("AutoModel")
 ActionPriorProcessor.register_for_auto_class("AutoProcessor")
 __all__ += ["VLA_BASELINES", "VLA_PRESETS", "ActionPriorProcessor", "VLAWithPriorConfig", "VLAWithPriorForAction",
             "VLAWithPriorOutput", "build_instruction_tokenizer"]
+
+# The "robot-action" pipeline task: pipeline("robot-action", model=PATH) (the processor loads via AutoProcessor).
+from transformers.pipelines import PIPELINE_REGISTRY  # noqa: E402
+
+from pipelines.robot_action import TASK as ROBOT_ACTION_TASK  # noqa: E402
+from pipelines.robot_action import RobotActionPipeline  # noqa: E402
+
+PIPELINE_REGISTRY.register_pipeline(ROBOT_ACTION_TASK, pipeline_class=RobotActionPipeline, pt_model=AutoModel,
+                                    type="multimodal")
+__all__ += ["RobotActionPipeline"]

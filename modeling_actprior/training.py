@@ -219,6 +219,14 @@ def check_output_dir_writable(output_dir: str, min_free_mb: float = 50.0) -> Non
         raise OSError(f"--output_dir {output_dir}: only {free_mb:.0f} MiB free; checkpoints need at least {min_free_mb:.0f} MiB.")
 
 
+def close_distributed(accelerator) -> None:
+    """Wait for every rank, then tear the process group down, so no rank lingers after the run is done
+    (a rank left blocked on its peer keeps `accelerate launch` from returning). Call on every rank."""
+    accelerator.wait_for_everyone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 class PreemptionGuard:
     """Turns SIGTERM (the usual preemption signal) into a flag the loop checks at step boundaries, so the
     run writes a last checkpoint and exits cleanly instead of dying mid-step."""

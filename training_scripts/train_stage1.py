@@ -46,6 +46,7 @@ from modeling_actprior.training import (
     PreemptionGuard,
     add_config_field_arguments,
     check_output_dir_writable,
+    close_distributed,
     endless_batches,
     list_checkpoints,
     load_trainer_state,
@@ -265,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "run_summary.json"), "w") as f:
             json.dump(result, f, indent=2)
+    close_distributed(accelerator)
     return result
 
 

@@ -1,0 +1,461 @@
+#!/usr/bin/env python
+"""Stage 2: align a vision-language model to a trained action prior (VLA training).
+
+    accelerate launch training_scripts/train_stage2.py --dataset data/demos --prior runs/prior/final \
+        --output_dir runs/vla --max_steps 2000 --model_preset tiny --vlm_family llava
+    python training_scripts/train_stage2.py --config my_stage2.yaml
+
+The action head starts as the prior's decoder, the history token and the distillation teacher use the prior's
+encoder, and the prior's normalization statistics are the VLA's (a dataset of an embodiment the prior has no
+statistics for is an error). Baselines run through the same file: ``--baseline no_prior|decoder_only|kd_only|
+no_history_token|full``, or the switches one by one (``--use_prior_decoder false``, ``--distill_weight 0``,
+``--history_token false``...). The loss is ``bc_loss + lambda(step) * kd_loss``; the three are logged separately.
+
+What it leaves in ``--output_dir`` (the same layout as Stage 1):
+
+* ``checkpoints/step-XXXXXX/``: ``accelerator.save_state`` + ``trainer_state.json``, written atomically;
+  ``--resume_from_checkpoint latest`` continues with the same data order and schedules;
+* ``final/``: the VLA (``save_pretrained``: safetensors, config, scheduler, normalization stats, remote-code
+  files), its processor (image processor, tokenizer), ``eval_results.json``, ``loss_curve.png``, a model card
+  ``README.md`` and, with LoRA, the adapters in ``lora_adapters/`` (the exported weights are merged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+import modeling_actprior as ap
+from modeling_actprior.configuration_actprior_vla import VLA_BASELINES, VLA_PRESETS, VLM_FAMILIES
+from modeling_actprior.data import (
+    IMAGE,
+    INSTRUCTION,
+    MixtureDataset,
+    VLAWindowDataset,
+    collate_windows,
+    load_lerobot_dataset,
+    split_episodes,
+)
+from modeling_actprior.evaluation import repeat_last_action
+from modeling_actprior.training import (
+    PreemptionGuard,
+    add_config_field_arguments,
+    check_output_dir_writable,
+    close_distributed,
+    endless_batches,
+    list_checkpoints,
+    load_trainer_state,
+    markdown_table,
+    model_card_template,
+    parse_dataset_specs,
+    parse_with_yaml,
+    plot_curves,
+    resolve_resume,
+    save_checkpoint,
+)
+
+logger = logging.getLogger("actprior.stage2")
+
+LOGGED = ("loss", "bc_loss", "kd_loss", "kd_weight")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML file of options (same names as below); the command line overrides it")
+    p.add_argument("--dataset", nargs="+", default=None,
+                   help="LeRobot dataset folders with camera images (or folders of them), each optionally PATH:WEIGHT")
+    p.add_argument("--prior", default=None, help="a trained Stage-1 prior (train_stage1.py's final/ folder or a Hub id)")
+    p.add_argument("--output_dir", default="runs/stage2")
+    p.add_argument("--max_steps", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model_preset", choices=sorted(VLA_PRESETS), default="tiny", help="size of the VLM backbone")
+    p.add_argument("--vlm_family", choices=VLM_FAMILIES, default="llava")
+    p.add_argument("--baseline", choices=sorted(VLA_BASELINES), default=None,
+                   help="a named set of the switches below (explicit switches override it)")
+    p.add_argument("--camera", default=None, help="camera the VLM sees (default: the dataset's first camera)")
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start afresh even if --output_dir holds checkpoints of an earlier run (they are deleted)")
+    p.add_argument("--batch_size", type=int, default=8, help="windows per process per optimizer step")
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    p.add_argument("--warmup_steps", type=int, default=50)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="default: what `accelerate config` says")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out, per dataset")
+    p.add_argument("--eval_every", type=int, default=250, help="validation BC loss every N steps (0: off)")
+    p.add_argument("--checkpoint_every", type=int, default=500, help="save a resumable checkpoint every N steps")
+    p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
+    p.add_argument("--eval_windows", type=int, default=256, help="held-out windows per embodiment in the final evaluation")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (accelerate trackers)")
+    p.add_argument("--no_progress", action="store_true")
+    add_config_field_arguments(p, ap.VLAWithPriorConfig, "model config overrides (default: the preset's / baseline's value)")
+    return p
+
+
+class VLACollator:
+    """Window samples -> one batch: action windows stacked by ``collate_windows``; the chosen camera's images and
+    the instructions turned into ``pixel_values`` / ``input_ids`` / ``attention_mask`` by the processor."""
+
+    def __init__(self, processor: ap.ActionPriorProcessor, camera: str):
+        self.processor, self.camera = processor, camera
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        images = [s[IMAGE][self.camera] for s in samples]
+        texts = [s[INSTRUCTION] for s in samples]
+        batch = collate_windows([{k: v for k, v in s.items() if k != IMAGE} for s in samples])
+        batch.update(self.processor(images=images, text=texts))
+        return batch
+
+
+def load_prior(path: str | None):
+    """The Stage-1 prior with its statistics, or an error saying how to get one."""
+    if not path:
+        raise ValueError("--prior is required: the Stage-1 prior to build on (train one with train_stage1.py; "
+                         "pass its final/ folder).")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--prior {path}: no config.json there. Pass train_stage1.py's final/ folder.")
+    try:
+        prior = ap.ActionPriorModel.from_pretrained(path)
+    except OSError as e:
+        raise FileNotFoundError(f"--prior {path}: no prior there ({e.__class__.__name__}). Train one with "
+                                "train_stage1.py and pass its final/ folder.") from None
+    if prior.normalizer is None:
+        raise ValueError(f"--prior {path} has no action_normalizer.json, so its action space is unknown. Use a prior "
+                         "trained by train_stage1.py (it saves the statistics beside the weights).")
+    return prior
+
+
+def build_data(args, prior):
+    """Demonstration datasets (with images), split by episode, windowed with the prior's normalizer."""
+    specs = parse_dataset_specs(args.dataset)
+    corpora = [(load_lerobot_dataset(path), w) for path, w in specs]
+    known = prior.normalizer.embodiment_names
+    for ds, _ in corpora:
+        if ds.embodiment.name not in known:
+            raise ap.UnknownEmbodimentError(
+                f"Dataset {ds.root} is of embodiment {ds.embodiment.name!r}, but the prior {args.prior} has statistics "
+                f"only for: {', '.join(known)}. Train (or fine-tune) the prior on this robot's actions first."
+            )
+        if not ds.meta.camera_keys:
+            raise ValueError(f"Dataset {ds.root} has no camera images; Stage 2 needs observations to train a VLA.")
+    camera = args.camera or VLAWindowDataset.camera_name(corpora[0][0].meta.camera_keys[0])
+    splits = [split_episodes(ds.num_episodes, args.val_fraction, args.seed) for ds, _ in corpora]
+    pc = prior.config
+    window_kw = dict(normalizer=prior.normalizer, history=pc.history_length, chunk=pc.chunk_size, cameras=[camera])
+    train_sets, weights, val_sets = [], [], {}
+    for (ds, w), (train_eps, val_eps) in zip(corpora, splits):
+        train_sets.append(VLAWindowDataset(ds, episodes=train_eps, **window_kw))
+        weights.append(w)
+        if len(val_eps):
+            val_sets.setdefault(ds.embodiment.name, []).append(VLAWindowDataset(ds, episodes=val_eps, **window_kw))
+    instructions = sorted({t for ds, _ in corpora for t in ds.meta.tasks if t})
+    summary = {
+        "datasets": [{"path": ds.root, "embodiment": ds.embodiment.name, "episodes": ds.num_episodes,
+                      "frames": ds.num_frames, "weight": w, "train_episodes": len(tr), "val_episodes": len(va)}
+                     for (ds, w), (tr, va) in zip(corpora, splits)],
+        "camera": camera, "instructions": instructions,
+    }
+    return train_sets, weights, val_sets, summary
+
+
+def build_optimizer(model: ap.VLAWithPriorForAction, args) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; the action head's learning rate is scaled by action_head_lr_multiplier."""
+    head = {id(p) for p in model.action_head_parameters()}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in head]
+    groups = [{"params": rest, "lr": args.learning_rate}]
+    if head:
+        groups.append({"params": model.action_head_parameters(),
+                       "lr": args.learning_rate * model.config.action_head_lr_multiplier})
+    return torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parse_with_yaml(parser, argv)
+    if not args.dataset:
+        parser.error("--dataset is required (on the command line or in --config).")
+    field_names = [a.dest for g in parser._action_groups if g.title.startswith("model config") for a in g._group_actions]
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for noisy in ("accelerate", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    # Fail on a missing prior or unmatched data before any machinery starts.
+    prior = load_prior(args.prior)
+    train_sets, weights, val_sets, corpus = build_data(args, prior)
+
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
+    )
+    if accelerator.is_main_process:
+        check_output_dir_writable(args.output_dir)
+    set_seed(args.seed, device_specific=False)
+
+    # ---------------------------------------------------------------- build
+    overrides = {k: getattr(args, k) for k in field_names if getattr(args, k, None) is not None}
+    model = ap.VLAWithPriorForAction.from_prior(prior, args.model_preset, vlm_family=args.vlm_family,
+                                                baseline=args.baseline, **overrides)
+    config = model.config
+    processor = ap.ActionPriorProcessor.from_config(config, model.normalizer, instructions=corpus["instructions"])
+    per_step = args.batch_size * accelerator.num_processes
+    total_windows = sum(len(t) for t in train_sets)
+    if per_step * args.gradient_accumulation_steps > total_windows:
+        raise ValueError(
+            f"A global batch of {per_step * args.gradient_accumulation_steps} windows (batch_size {args.batch_size} x "
+            f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation) exceeds the "
+            f"{total_windows} training windows of the corpus. Lower --batch_size or record more episodes."
+        )
+    train_data = MixtureDataset(train_sets, weights, num_samples=total_windows // per_step * per_step, seed=args.seed)
+    optimizer = build_optimizer(model, args)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
+                                 num_training_steps=args.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    earlier = list_checkpoints(args.output_dir)
+    if earlier and not resume:
+        if not args.overwrite_output_dir:
+            raise FileExistsError(
+                f"--output_dir {args.output_dir} already holds checkpoints ({os.path.basename(earlier[-1])}). Resume "
+                "with --resume_from_checkpoint latest, or pass --overwrite_output_dir to start afresh."
+            )
+        if accelerator.is_main_process:
+            for old in earlier:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+    step, history = 0, []
+    if resume:
+        accelerator.load_state(resume)
+        state = load_trainer_state(resume)
+        step, history = state["step"], state.get("history", [])
+        logger.info("resumed from %s at step %d", resume, step)
+
+    collate = VLACollator(processor, corpus["camera"])
+    consumed = step * args.gradient_accumulation_steps * per_step
+    batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
+                              accelerator.num_processes, collate, args.num_workers)
+    val_batches = _fixed_val_batches(val_sets, args.batch_size, collate, seed=args.seed)
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("actprior-stage2", config={k: v for k, v in vars(args).items()
+                                                              if isinstance(v, (int, float, str, bool))})
+        logger.info("corpus: %s", json.dumps(corpus["datasets"]))
+        logger.info("model: %d parameters, %d trainable (%s %s, lora_r=%d); %d training windows",
+                    unwrapped.num_parameters(), unwrapped.num_trainable_parameters(), args.model_preset,
+                    args.vlm_family, config.lora_r, total_windows)
+
+    # ---------------------------------------------------------------- train
+    guard = PreemptionGuard()
+    start_step = step
+    bar = tqdm(total=args.max_steps, initial=step, desc="stage2", disable=args.no_progress or not accelerator.is_main_process)
+    model.train()
+    data_wait = compute = 0.0
+    running: dict[str, float] = {}
+    interrupted = False
+    while step < args.max_steps:
+        for _ in range(args.gradient_accumulation_steps):
+            t0 = time.perf_counter()
+            batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in next(batches).items()}
+            t1 = time.perf_counter()
+            with accelerator.accumulate(model):
+                out = model(**batch, step=step)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            data_wait += t1 - t0
+            compute += time.perf_counter() - t1
+            for k in LOGGED:
+                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.gradient_accumulation_steps
+        lr_scheduler.step()
+        step += 1
+        unwrapped.training_step.fill_(step)
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            n = args.log_every if step % args.log_every == 0 else step % args.log_every
+            logs = {k: v / n for k, v in running.items()}
+            logs.update(lr=lr_scheduler.get_last_lr()[0], data_wait_fraction=data_wait / max(1e-9, data_wait + compute))
+            running = {}
+            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps) and val_batches:
+                logs["val_bc_loss"] = _val_loss(model, val_batches, accelerator, seed=args.seed)
+            accelerator.log(logs, step=step)
+            history.append({"step": step, **{k: float(v) for k, v in logs.items()}})
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", kd_weight=f"{logs['kd_weight']:.3g}")
+            if bar.disable and accelerator.is_main_process:
+                logger.info("step %d/%d %s", step, args.max_steps, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+
+        stop_now = guard.requested
+        if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
+            save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": _jsonable(vars(args))},
+                            keep_last=args.keep_last)
+        if stop_now:
+            logger.warning("SIGTERM received: checkpoint written at step %d; resume with --resume_from_checkpoint latest", step)
+            interrupted = True
+            break
+    bar.close()
+    guard.close()
+
+    steps_run = step - start_step
+    result = {"step": step, "interrupted": interrupted, "num_processes": accelerator.num_processes,
+              "windows_per_second": steps_run * per_step * args.gradient_accumulation_steps / max(1e-9, data_wait + compute),
+              "data_wait_fraction": data_wait / max(1e-9, data_wait + compute)}
+    if not interrupted:
+        result.update(_finish(args, accelerator, model, processor, corpus, history, val_sets))
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "run_summary.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    close_distributed(accelerator)
+    return result
+
+
+def _fixed_val_batches(val_sets, batch_size: int, collate, seed: int, max_batches: int = 2) -> list[dict]:
+    """A few fixed held-out batches for the running validation loss (same windows every time)."""
+    out = []
+    rng = np.random.default_rng(seed)
+    for emb in sorted(val_sets):
+        for ds in val_sets[emb][:max_batches]:
+            idx = rng.choice(len(ds), size=min(batch_size, len(ds)), replace=False)
+            out.append(collate([ds[int(i)] for i in idx]))
+    return out
+
+
+@torch.no_grad()
+def _val_loss(model, val_batches, accelerator, seed: int) -> float:
+    """Mean BC loss on the fixed held-out batches (eval mode: the action head reads the latent mean)."""
+    model.eval()
+    gen = torch.Generator(device=accelerator.device).manual_seed(seed)
+    total = 0.0
+    for b in val_batches:
+        b = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+        total += model(**b, generator=gen).bc_loss.item()
+    model.train()
+    return total / len(val_batches)
+
+
+@torch.no_grad()
+def evaluate_vla(model, val_sets, collate, max_windows: int, seed: int, batch_size: int) -> dict[str, dict]:
+    """Held-out action error per embodiment (normalized units, masked MSE over real dims and steps) of the VLA's
+    sampled chunks, next to holding the last past action."""
+    model.eval()
+    dev = model.device
+    results = {}
+    for emb in sorted(val_sets):
+        ds = torch.utils.data.ConcatDataset(val_sets[emb])
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(len(ds), size=min(max_windows, len(ds)), replace=False)
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        sums = {"vla": 0.0, "repeat_last": 0.0}
+        count = 0.0
+        for lo in range(0, len(idx), batch_size):
+            b = collate([ds[int(i)] for i in idx[lo:lo + batch_size]])
+            b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+            pred = model.predict_action(**b, generator=gen)
+            hold = repeat_last_action(b[ap.modeling_actprior.HISTORY], b[ap.modeling_actprior.HISTORY_MASK],
+                                      model.config.prior_config.chunk_size)
+            w = b["dim_mask"][:, None, :].float() * b["action_mask"][..., None].float()
+            for name, p in (("vla", pred), ("repeat_last", hold)):
+                sums[name] += float(((p.float() - b["actions"]) ** 2 * w).sum())
+            count += float(w.sum())
+        results[emb] = {"windows": int(len(idx)), **{f"{k}_mse": v / max(count, 1.0) for k, v in sums.items()}}
+    return results
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def _finish(args, accelerator, model, processor, corpus, history, val_sets) -> dict:
+    """Evaluate on held-out episodes; save the VLA, its processor, card and plots into final/ (main process)."""
+    if not accelerator.is_main_process:
+        return {}
+    model = accelerator.unwrap_model(model)
+    final = os.path.join(args.output_dir, "final")
+    os.makedirs(final, exist_ok=True)
+    collate = VLACollator(processor, corpus["camera"])
+    evaluation = evaluate_vla(model, val_sets, collate, args.eval_windows, args.seed, args.batch_size) if val_sets else {}
+    lora_r = model.config.lora_r
+    if lora_r:
+        # Adapters alone for further fine-tuning; merged weights in final/ so it loads without PEFT wrapping.
+        model.save_lora_adapters(os.path.join(final, "lora_adapters"))
+        model.merge_lora()
+    model.save_pretrained(final)
+    processor.save_pretrained(final)
+    # A zero KD loss (after the schedule, or a baseline without KD) has no place on a log axis.
+    curve = plot_curves([{k: v for k, v in h.items() if not (k in ("kd_loss", "kd_weight") and v <= 0)} for h in history],
+                        ["loss", "bc_loss", "kd_loss", "kd_weight", "val_bc_loss"],
+                        os.path.join(final, "loss_curve.png"), "Stage 2 VLA with action prior")
+    with open(os.path.join(final, "eval_results.json"), "w") as f:
+        json.dump({"evaluation": evaluation, "corpus": corpus, "history": history}, f, indent=2)
+    _write_card(final, model, corpus, evaluation, history, args, curve, lora_r)
+    for emb, row in evaluation.items():
+        logger.info("%s: VLA MSE %.4f | repeat-last %.4f", emb, row["vla_mse"], row["repeat_last_mse"])
+    return {"final": final, "evaluation": evaluation}
+
+
+def _write_card(final, model, corpus, evaluation, history, args, curve, lora_r) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = model.config
+    embodiments = sorted({d["embodiment"] for d in corpus["datasets"]})
+    rows = [{"embodiment": e, **evaluation[e]} for e in sorted(evaluation)]
+    data = ModelCardData(library_name="transformers", pipeline_tag="robotics", license="apache-2.0",
+                         tags=["robotics", "vision-language-action", "action-prior", "flow-matching", "actprior",
+                               config.vlm_config.model_type, *embodiments])
+    switches = {k: getattr(config, k) for k in ("use_prior_decoder", "history_token", "freeze_history_encoder",
+                                                 "distill_weight", "distill_hold_steps", "distill_decay_steps",
+                                                 "distill_decay", "latent_conditioning", "action_head_lr_multiplier")}
+    card = ModelCard.from_template(
+        data, template_path=model_card_template("actprior_vla.md"),
+        embodiments=embodiments,
+        vlm_type=config.vlm_config.model_type,
+        preset=args.model_preset,
+        baseline=(args.baseline or "full") + (" + overrides" if any(getattr(args, k, None) is not None
+                                                                     for k in switches) else ""),
+        switches_table=markdown_table([{"switch": k, "value": v} for k, v in switches.items()], ["switch", "value"]),
+        corpus_table=markdown_table(corpus["datasets"], ["embodiment", "episodes", "frames", "train_episodes",
+                                                         "val_episodes", "weight"]),
+        camera=corpus["camera"],
+        eval_table=markdown_table(rows, ["embodiment", "windows", "vla_mse", "repeat_last_mse"]) if rows
+        else "_no held-out episodes_",
+        parameters=model.num_parameters(),
+        lora=f"LoRA r={lora_r} (merged into the exported weights; adapters in `lora_adapters/`)" if lora_r
+        else "full fine-tuning (no LoRA)",
+        steps=history[-1]["step"] if history else 0,
+        final_loss=history[-1]["loss"] if history else float("nan"),
+        final_bc_loss=history[-1]["bc_loss"] if history else float("nan"),
+        loss_curve="loss_curve.png" if curve else None,
+        prior=args.prior,
+        command="accelerate launch training_scripts/train_stage2.py " + " ".join(sys.argv[1:]),
+    )
+    card.save(os.path.join(final, "README.md"))
+
+
+if __name__ == "__main__":
+    main()
