@@ -12,6 +12,8 @@ COMMANDS = {
     "quickstart": ("modeling_actprior.quickstart", "the main job: generate a corpus, train the prior, evaluate, report"),
     "generate": ("modeling_actprior.sim.generate", "generate a LeRobot v3 dataset with scripted experts in a simulator"),
     "info": ("modeling_actprior.cli", "summarize a dataset folder or a checkpoint"),
+    "evaluate": ("modeling_actprior.rollout", "closed-loop success rate of a VLA checkpoint in a simulator"),
+    "push": ("modeling_actprior.hub", "publish a checkpoint (and its dataset) to the Hugging Face Hub with cards"),
 }
 
 

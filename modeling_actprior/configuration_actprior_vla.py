@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
@@ -164,6 +165,17 @@ class VLAWithPriorConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._check()
+        self._drop_registered_custom_pipelines()
+
+    def _drop_registered_custom_pipelines(self) -> None:
+        # A Hub export names its pipeline file in `custom_pipelines` for Pythons without actprior. Where that task is
+        # registered already (`import modeling_actprior`), the installed pipeline serves it: transformers would
+        # otherwise demand trust_remote_code=True for a task this Python knows.
+        pipelines = sys.modules.get("transformers.pipelines")
+        custom = getattr(self, "custom_pipelines", None)
+        if pipelines is not None and isinstance(custom, dict) and custom:
+            known = pipelines.PIPELINE_REGISTRY.supported_tasks
+            self.custom_pipelines = {task: info for task, info in custom.items() if task not in known}
 
     def _check(self) -> None:
         if self.distill_weight < 0 or self.distill_hold_steps < 0 or self.distill_decay_steps < 0:

@@ -220,11 +220,10 @@ def check_output_dir_writable(output_dir: str, min_free_mb: float = 50.0) -> Non
 
 
 def close_distributed(accelerator) -> None:
-    """Wait for every rank, then tear the process group down, so no rank lingers after the run is done
-    (a rank left blocked on its peer keeps `accelerate launch` from returning). Call on every rank."""
+    """Wait for every rank (rank 0 may still be evaluating and saving), then end the trackers and tear the
+    process group down. Ending earlier on one rank leaves the other blocked on it. Call on every rank."""
     accelerator.wait_for_everyone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    accelerator.end_training()
 
 
 class PreemptionGuard:

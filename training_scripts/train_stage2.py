@@ -327,7 +327,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "data_wait_fraction": data_wait / max(1e-9, data_wait + compute)}
     if not interrupted:
         result.update(_finish(args, accelerator, model, processor, corpus, history, val_sets))
-    accelerator.end_training()
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "run_summary.json"), "w") as f:
             json.dump(result, f, indent=2)
