@@ -246,7 +246,31 @@ class ActionPriorPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.modulation.bias)
 
 
-class ActionPriorModel(ActionPriorPreTrainedModel):
+class ActionCheckpointMixin:
+    """``save_pretrained`` / ``from_pretrained`` for models that sample actions: besides weights
+    (safetensors only) and config, a checkpoint carries the flow sampler (``scheduler/``) and the
+    per-embodiment action statistics (``action_normalizer.json``). Put it first in the bases."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        kwargs.setdefault("safe_serialization", True)
+        if not kwargs["safe_serialization"]:
+            raise ValueError("actprior checkpoints are written as safetensors only; drop safe_serialization=False.")
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self.scheduler.save_pretrained(os.path.join(save_directory, SCHEDULER_SUBFOLDER))
+            if self.normalizer is not None:
+                self.normalizer.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # The model was built on the meta device; a sampler made here holds real tensors.
+        default = FlowMatchingActionScheduler.from_config(model.scheduler.config)
+        model.scheduler, model.normalizer = _load_sidecars(pretrained_model_name_or_path, default, kwargs)
+        return model
+
+
+class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
     """The Stage-1 action prior: history encoder + flow-matching chunk decoder.
 
     Besides weights and config, a checkpoint carries the flow sampler (``scheduler/``) and, once trained
@@ -475,24 +499,6 @@ class ActionPriorModel(ActionPriorPreTrainedModel):
         chunk = self.sample_actions(latent.sample, mask, num_inference_steps, generator)
         raw = self.normalizer.unnormalize(chunk, embodiment)
         return raw[0] if single else raw
-
-    # ------------------------------------------------------------------------------------ hub I/O
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Weights (safetensors), config, ``scheduler/`` and ``action_normalizer.json``."""
-        kwargs.setdefault("safe_serialization", True)
-        if not kwargs["safe_serialization"]:
-            raise ValueError("actprior checkpoints are written as safetensors only; drop safe_serialization=False.")
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            self.scheduler.save_pretrained(os.path.join(save_directory, SCHEDULER_SUBFOLDER))
-            if self.normalizer is not None:
-                self.normalizer.save_pretrained(save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.scheduler, model.normalizer = _load_sidecars(pretrained_model_name_or_path, model.scheduler, kwargs)
-        return model
 
 
 def _load_sidecars(path, default_scheduler, kwargs):

@@ -36,15 +36,13 @@ from .action_space import ActionNormalizer, check_finite
 from .configuration_actprior import ActionPriorConfig
 from .configuration_actprior_vla import VLAWithPriorConfig
 from .modeling_actprior import (
+    ActionCheckpointMixin,
     ActionHistoryEncoder,
     ActionPriorPreTrainedModel,
     FlowMatchingActionDecoder,
     _beta_icdf_sample,
-    _load_sidecars,
 )
 from .scheduling_flow_matching import FlowMatchingActionScheduler
-
-SCHEDULER_SUBFOLDER = "scheduler"
 
 # Batch keys of the VLM inputs (the action keys are those of modeling_actprior).
 PIXEL_VALUES = "pixel_values"
@@ -125,7 +123,7 @@ class VLAWithPriorPreTrainedModel(PreTrainedModel):
             ActionPriorPreTrainedModel._init_weights(self, module)
 
 
-class VLAWithPriorForAction(VLAWithPriorPreTrainedModel):
+class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
     """A VLA whose action head is the Stage-1 prior's flow decoder, aligned to the prior's latent space.
 
     Besides weights and config, a checkpoint carries the flow sampler (``scheduler/``) and the per-embodiment
@@ -557,26 +555,6 @@ class VLAWithPriorForAction(VLAWithPriorPreTrainedModel):
         normalizer = self.normalizer or processor.action_normalizer
         raw = normalizer.unnormalize(chunk.cpu(), embodiment)
         return raw[0] if single else raw
-
-    # ------------------------------------------------------------------------------------ hub I/O
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """Weights (safetensors), config, ``scheduler/`` and ``action_normalizer.json`` (+ code files, auto_map)."""
-        kwargs.setdefault("safe_serialization", True)
-        if not kwargs["safe_serialization"]:
-            raise ValueError("actprior checkpoints are written as safetensors only; drop safe_serialization=False.")
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            self.scheduler.save_pretrained(os.path.join(save_directory, SCHEDULER_SUBFOLDER))
-            if self.normalizer is not None:
-                self.normalizer.save_pretrained(save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        # Built outside any meta-device context, so the default sampler holds real tensors.
-        default = FlowMatchingActionScheduler(num_inference_steps=model.config.prior_config.num_inference_steps)
-        model.scheduler, model.normalizer = _load_sidecars(pretrained_model_name_or_path, default, kwargs)
-        return model
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
