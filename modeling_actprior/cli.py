@@ -54,19 +54,23 @@ def run_info(args: argparse.Namespace) -> int:
     return 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``actprior`` parser. Only ``command``'s module is imported to add its options, so one command
+    never pays for (or breaks on) another's heavy imports."""
     parser = argparse.ArgumentParser(prog="actprior", description="Action priors for cross-embodiment robot learning.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        getattr(mod, f"add_{name.replace('-', '_')}_arguments")(p)
+        if name == command:
+            getattr(importlib.import_module(module), f"add_{name.replace('-', '_')}_arguments")(p)
         p.set_defaults(_module=module, _run=f"run_{name.replace('-', '_')}")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

@@ -26,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 CHECKPOINT_DIR = "checkpoints"
@@ -242,6 +243,46 @@ class PreemptionGuard:
     def close(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------------- validation
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def fixed_val_batches(val_sets: dict, batch_size: int, collate, seed: int, max_per_embodiment: int = 2) -> list[dict]:
+    """A few fixed held-out batches per embodiment for the running validation loss (same windows every time)."""
+    out = []
+    rng = np.random.default_rng(seed)
+    for emb in sorted(val_sets):
+        for ds in val_sets[emb][:max_per_embodiment]:
+            idx = rng.choice(len(ds), size=min(batch_size, len(ds)), replace=False)
+            out.append(collate([ds[int(i)] for i in idx]))
+    return out
+
+
+@torch.no_grad()
+def validation_loss(model, batches: list[dict], device, seed: int, loss_key: str) -> float:
+    """Mean of ``output.<loss_key>`` over ``batches`` in eval mode, with noise and times from a fixed seed."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    total = sum(getattr(model(**to_device(b, device), generator=gen), loss_key).item() for b in batches)
+    model.train()
+    return total / len(batches)
+
+
+def ranks_agree(accelerator, model) -> bool:
+    """True when every process holds bit-identical weights (DDP must keep them so). Call on every rank."""
+    flat = torch.cat([p.detach().float().flatten() for p in accelerator.unwrap_model(model).parameters()])
+    weights = (torch.arange(flat.numel(), device=flat.device) % 9973).float()
+    digest = torch.stack([flat.sum(), (flat * weights).sum()])
+    gathered = accelerator.gather(digest[None]).reshape(-1, 2)
+    return bool(torch.all(gathered == gathered[0]))
+
+
+def jsonable(d: dict) -> dict:
+    """The JSON-serializable plain values of ``d`` (e.g. parsed options for a trainer state)."""
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
 # --------------------------------------------------------------------------------------------- reporting

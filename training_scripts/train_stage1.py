@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
@@ -48,6 +47,8 @@ from modeling_actprior.training import (
     check_output_dir_writable,
     close_distributed,
     endless_batches,
+    fixed_val_batches,
+    jsonable,
     list_checkpoints,
     load_trainer_state,
     markdown_table,
@@ -55,8 +56,11 @@ from modeling_actprior.training import (
     parse_dataset_specs,
     parse_with_yaml,
     plot_curves,
+    ranks_agree,
     resolve_resume,
     save_checkpoint,
+    to_device,
+    validation_loss,
 )
 
 logger = logging.getLogger("actprior.stage1")
@@ -193,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     consumed = step * args.gradient_accumulation_steps * per_step
     batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
                               accelerator.num_processes, collate_windows, args.num_workers)
-    val_batches = _fixed_val_batches(val_sets, args.batch_size, seed=args.seed)
+    val_batches = fixed_val_batches(val_sets, args.batch_size, collate_windows, seed=args.seed)
 
     if accelerator.is_main_process:
         accelerator.init_trackers("actprior-stage1", config={k: v for k, v in vars(args).items()
@@ -213,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     while step < args.max_steps:
         for _ in range(args.gradient_accumulation_steps):
             t0 = time.perf_counter()
-            batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in next(batches).items()}
+            batch = to_device(next(batches), accelerator.device)
             t1 = time.perf_counter()
             with accelerator.accumulate(model):
                 out = model(**batch)
@@ -236,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             logs.update(lr=lr_scheduler.get_last_lr()[0], data_wait_fraction=data_wait / max(1e-9, data_wait + compute))
             running = {}
             if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps) and val_batches:
-                logs["val_flow_loss"] = _val_loss(model, val_batches, accelerator, seed=args.seed)
+                logs["val_flow_loss"] = validation_loss(model, val_batches, accelerator.device, args.seed, "flow_loss")
             accelerator.log(logs, step=step)
             history.append({"step": step, **{k: float(v) for k, v in logs.items()}})
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -245,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         stop_now = guard.requested
         if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
-            save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": _jsonable(vars(args))},
+            save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": jsonable(vars(args))},
                             keep_last=args.keep_last)
         if stop_now:
             logger.warning("SIGTERM received: checkpoint written at step %d; resume with --resume_from_checkpoint latest", step)
@@ -254,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bar.close()
     guard.close()
 
-    identical = _ranks_agree(accelerator, model)
+    identical = ranks_agree(accelerator, model)
     steps_run = step - start_step
     result = {"step": step, "interrupted": interrupted, "ranks_identical": identical,
               "num_processes": accelerator.num_processes,
@@ -267,41 +271,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             json.dump(result, f, indent=2)
     close_distributed(accelerator)
     return result
-
-
-def _fixed_val_batches(val_sets, batch_size: int, seed: int, max_batches: int = 4) -> list[dict]:
-    """A few fixed held-out batches for the running validation loss (same windows every time)."""
-    out = []
-    rng = np.random.default_rng(seed)
-    for emb in sorted(val_sets):
-        for ds in val_sets[emb]:
-            idx = rng.choice(len(ds), size=min(batch_size, len(ds)), replace=False)
-            out.append(collate_windows([ds[int(i)] for i in idx]))
-    return out[:max_batches * max(1, len(val_sets))]
-
-
-@torch.no_grad()
-def _val_loss(model, val_batches, accelerator, seed: int) -> float:
-    model.eval()
-    gen = torch.Generator(device=accelerator.device).manual_seed(seed)
-    total = 0.0
-    for b in val_batches:
-        b = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-        total += model(**b, generator=gen).flow_loss.item()
-    model.train()
-    return total / len(val_batches)
-
-
-def _ranks_agree(accelerator, model) -> bool:
-    """True when every process holds bit-identical weights (DDP must keep them so)."""
-    flat = torch.cat([p.detach().float().flatten() for p in accelerator.unwrap_model(model).parameters()])
-    digest = torch.stack([flat.sum(), (flat * torch.arange(flat.numel(), device=flat.device) % 9973).sum()])
-    gathered = accelerator.gather(digest[None]).reshape(-1, 2)
-    return bool(torch.all(gathered == gathered[0]))
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
 def _finish(args, accelerator, model, config, corpus, history, val_sets, train_sets) -> dict:

@@ -56,6 +56,8 @@ from modeling_actprior.training import (
     check_output_dir_writable,
     close_distributed,
     endless_batches,
+    fixed_val_batches,
+    jsonable,
     list_checkpoints,
     load_trainer_state,
     markdown_table,
@@ -65,6 +67,8 @@ from modeling_actprior.training import (
     plot_curves,
     resolve_resume,
     save_checkpoint,
+    to_device,
+    validation_loss,
 )
 
 logger = logging.getLogger("actprior.stage2")
@@ -257,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     consumed = step * args.gradient_accumulation_steps * per_step
     batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
                               accelerator.num_processes, collate, args.num_workers)
-    val_batches = _fixed_val_batches(val_sets, args.batch_size, collate, seed=args.seed)
+    val_batches = fixed_val_batches(val_sets, args.batch_size, collate, seed=args.seed)
 
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.is_main_process:
@@ -279,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     while step < args.max_steps:
         for _ in range(args.gradient_accumulation_steps):
             t0 = time.perf_counter()
-            batch = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in next(batches).items()}
+            batch = to_device(next(batches), accelerator.device)
             t1 = time.perf_counter()
             with accelerator.accumulate(model):
                 out = model(**batch, step=step)
@@ -303,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             logs.update(lr=lr_scheduler.get_last_lr()[0], data_wait_fraction=data_wait / max(1e-9, data_wait + compute))
             running = {}
             if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps) and val_batches:
-                logs["val_bc_loss"] = _val_loss(model, val_batches, accelerator, seed=args.seed)
+                logs["val_bc_loss"] = validation_loss(model, val_batches, accelerator.device, args.seed, "bc_loss")
             accelerator.log(logs, step=step)
             history.append({"step": step, **{k: float(v) for k, v in logs.items()}})
             bar.set_postfix(loss=f"{logs['loss']:.4f}", kd_weight=f"{logs['kd_weight']:.3g}")
@@ -312,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
         stop_now = guard.requested
         if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
-            save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": _jsonable(vars(args))},
+            save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": jsonable(vars(args))},
                             keep_last=args.keep_last)
         if stop_now:
             logger.warning("SIGTERM received: checkpoint written at step %d; resume with --resume_from_checkpoint latest", step)
@@ -332,30 +336,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
             json.dump(result, f, indent=2)
     close_distributed(accelerator)
     return result
-
-
-def _fixed_val_batches(val_sets, batch_size: int, collate, seed: int, max_batches: int = 2) -> list[dict]:
-    """A few fixed held-out batches for the running validation loss (same windows every time)."""
-    out = []
-    rng = np.random.default_rng(seed)
-    for emb in sorted(val_sets):
-        for ds in val_sets[emb][:max_batches]:
-            idx = rng.choice(len(ds), size=min(batch_size, len(ds)), replace=False)
-            out.append(collate([ds[int(i)] for i in idx]))
-    return out
-
-
-@torch.no_grad()
-def _val_loss(model, val_batches, accelerator, seed: int) -> float:
-    """Mean BC loss on the fixed held-out batches (eval mode: the action head reads the latent mean)."""
-    model.eval()
-    gen = torch.Generator(device=accelerator.device).manual_seed(seed)
-    total = 0.0
-    for b in val_batches:
-        b = {k: (v.to(accelerator.device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-        total += model(**b, generator=gen).bc_loss.item()
-    model.train()
-    return total / len(val_batches)
 
 
 @torch.no_grad()
@@ -384,10 +364,6 @@ def evaluate_vla(model, val_sets, collate, max_windows: int, seed: int, batch_si
             count += float(w.sum())
         results[emb] = {"windows": int(len(idx)), **{f"{k}_mse": v / max(count, 1.0) for k, v in sums.items()}}
     return results
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
 def _finish(args, accelerator, model, processor, corpus, history, val_sets) -> dict:
