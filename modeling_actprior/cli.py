@@ -54,7 +54,7 @@ def run_info(args: argparse.Namespace) -> int:
     return 2
 
 
-def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``actprior`` parser. Only ``command``'s module is imported to add its options, so one command
     never pays for (or breaks on) another's heavy imports."""
     parser = argparse.ArgumentParser(prog="actprior", description="Action priors for cross-embodiment robot learning.")

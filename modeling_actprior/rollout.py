@@ -1,0 +1,381 @@
+"""Closed-loop evaluation: roll a VLA checkpoint out in a simulator through the ``robot-action`` pipeline.
+
+``actprior evaluate --model PATH --sim metaworld --tasks reach-v3,push-v3 --episodes 20 --out results.json``
+
+Each episode resets the task's environment with an evaluation seed, then repeats: render the camera the
+demonstrations were recorded with (same camera, same size), ask the pipeline for a chunk given the instruction and
+the last ``K`` executed actions, execute the first ``execute_steps`` actions of the chunk (action chunking), until the
+environment reports success or ``max_steps`` pass. Environments are built once per task and reused.
+
+Evaluation seeds: ``episode_seed(seed, "<sim>/eval", task, robot, episode)``. The demonstration generators derive
+theirs from ``episode_seed(seed, "<sim>", ...)``; the different namespace gives a different SHA-256 stream, so
+evaluation scenes are not the training scenes (``evaluation_seeds`` checks a run against a generator's seeds).
+
+Results (JSON): per task the success rate with a 95% Wilson score interval, the mean steps to success, and each
+episode's seed, success and length; the same overall. A PNG bar chart (success per task with interval whiskers) and,
+with ``video_dir``, GIF (or MP4, where imageio's ffmpeg plugin is installed) rollout videos are written beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+EVAL_SIMULATORS = ("metaworld", "robosuite")
+DEFAULT_EXECUTE_STEPS = 8
+DEFAULT_IMAGE_SIZE = 64  # the demonstration generators' default camera size
+
+
+def eval_namespace(sim: str) -> str:
+    """The ``sim`` field of ``episode_seed`` for evaluation episodes (the generators use ``sim`` itself)."""
+    return f"{sim}/eval"
+
+
+def evaluation_seeds(seed: int, sim: str, task: str, robot: str, episodes: int) -> list[int]:
+    """Environment seeds of evaluation episodes ``0..episodes-1``."""
+    from modeling_actprior.sim import episode_seed
+
+    return [episode_seed(seed, eval_namespace(sim), task, robot, i) for i in range(int(episodes))]
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default); ``(0, 1)`` for zero trials."""
+    if trials <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be in [0, trials={trials}]; got {successes}.")
+    p, n, z2 = successes / trials, trials, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # At p = 0 or 1 the bound is exactly the observed rate (rounding would land a hair inside it).
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == trials else min(1.0, center + half)
+    return low, high
+
+
+# ------------------------------------------------------------------------------------------ simulators
+class _MetaWorldTask:
+    """One Meta-World task, with the generator's environment and camera (``corner2``, upright, shadows off)."""
+
+    robot = "sawyer"
+
+    def __init__(self, task: str, image_size: int):
+        from modeling_actprior.sim import metaworld_expert as mw
+
+        self.mw, self.task, self.size = mw, task, image_size
+        self.instruction = mw.instruction(task)
+        self.env = mw._env(task)  # cached per task: reused across episodes (and with the generator)
+        self.max_steps = int(self.env.max_path_length)
+
+    def reset(self, seed: int) -> None:
+        self.env.seed(seed)
+        self.env.reset()
+
+    def image(self) -> np.ndarray:
+        return self.mw._render(self.env, self.task, self.size)
+
+    def step(self, action: np.ndarray) -> tuple[bool, bool]:
+        """``(success, episode over)``."""
+        _, _, terminated, truncated, info = self.env.step(np.clip(action, -1.0, 1.0))
+        return info.get("success", 0.0) > 0.5, bool(terminated or truncated)
+
+
+class _RobosuiteTask:
+    """One robosuite task on one arm, camera ``agentview`` upright, as the generator records it."""
+
+    def __init__(self, task: str, image_size: int, robot: str = "panda"):
+        from modeling_actprior.sim import robosuite_expert as rs
+
+        self.rs, self.task, self.robot, self.size = rs, task, robot, image_size
+        self.instruction = rs.instruction(task)
+        self.env = rs._make_env(task, robot, image_size)
+        self.max_steps = int(rs.MAX_STEPS[task])
+        self._obs = None
+
+    def reset(self, seed: int) -> None:
+        self.rs._reseed(self.env, seed)
+        self._obs = self.env.reset()
+
+    def image(self) -> np.ndarray:
+        return np.ascontiguousarray(self._obs["agentview_image"][::-1])
+
+    def step(self, action: np.ndarray) -> tuple[bool, bool]:
+        self._obs, _, done, _ = self.env.step(np.asarray(action, dtype=np.float64))
+        return bool(self.env._check_success()), bool(done)
+
+
+def _make_task(sim: str, task: str, image_size: int, robot: str | None):
+    if sim == "metaworld":
+        return _MetaWorldTask(task, image_size)
+    if sim == "robosuite":
+        return _RobosuiteTask(task, image_size, robot or "panda")
+    raise ValueError(f"Closed-loop evaluation supports {', '.join(EVAL_SIMULATORS)}; got {sim!r}.")
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+@dataclass
+class EpisodeOutcome:
+    task: str
+    episode: int
+    seed: int
+    success: bool
+    steps: int  # environment steps taken (to success, or until the episode ended)
+    plans: int  # pipeline calls
+    seconds: float
+    video: str | None = None
+
+
+@dataclass
+class TaskSummary:
+    task: str
+    instruction: str
+    episodes: int
+    successes: int
+    success_rate: float
+    ci95_low: float
+    ci95_high: float
+    mean_steps_to_success: float | None
+    episodes_detail: list[dict] = field(default_factory=list)
+
+
+def run_episode(robot_pipeline, sim_task, seed: int, execute_steps: int, max_steps: int, embodiment: str,
+                num_inference_steps: int | None = None, record: bool = False):
+    """One closed-loop episode. Returns ``(success, steps, plans, frames or None)``.
+
+    Every ``execute_steps`` environment steps the pipeline sees the current image and the last ``K`` executed
+    actions (raw units) and returns a chunk; its first ``execute_steps`` actions are executed.
+    """
+    from modeling_actprior.sim import episode_seed
+
+    sim_task.reset(seed)
+    history: list[np.ndarray] = []
+    frames = [] if record else None
+    plan: list[np.ndarray] = []
+    plans = 0
+    k = robot_pipeline.processor.history_length
+    width = robot_pipeline.normalizer.spec(embodiment).action_dim
+    limit = min(int(max_steps), sim_task.max_steps)
+    for t in range(limit):
+        if not plan:
+            image = sim_task.image()
+            out = robot_pipeline(image, instruction=sim_task.instruction,
+                                 history=np.asarray(history[-k:], dtype=np.float32).reshape(-1, width),
+                                 embodiment=embodiment, num_inference_steps=num_inference_steps,
+                                 seed=episode_seed(seed, "plan", sim_task.task, embodiment, plans))
+            plan = list(out["actions"][: max(1, int(execute_steps))])
+            plans += 1
+        if record:
+            frames.append(sim_task.image())
+        action = plan.pop(0)
+        success, over = sim_task.step(action)
+        history.append(np.asarray(action, dtype=np.float32))
+        if success:
+            return True, t + 1, plans, frames
+        if over:
+            break
+    return False, len(history), plans, frames
+
+
+def write_video(frames: Sequence[np.ndarray], path: str, fps: float) -> str:
+    """Write ``frames`` ``(H, W, 3)`` uint8 to ``path`` (``.gif``, or ``.mp4`` with imageio's ffmpeg plugin).
+
+    An MP4 request without ffmpeg writes a GIF next to it instead; returns the path written.
+    """
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".mp4"):
+        try:
+            import imageio.v2 as imageio
+            import imageio_ffmpeg  # noqa: F401
+
+            imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
+            return path
+        except ImportError:
+            logger.warning("MP4 needs imageio with imageio-ffmpeg (pip install imageio[ffmpeg]); writing a GIF.")
+            path = path[:-4] + ".gif"
+    images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=max(20, int(1000 / fps)), loop=0)
+    return path
+
+
+def plot_success(summary: dict, path: str) -> str:
+    """Bar chart of the success rate per task (and overall) with 95% Wilson whiskers, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [*summary["tasks"], {"task": "overall", **summary["overall"]}]
+    names = [r["task"] for r in rows]
+    rate = np.array([r["success_rate"] for r in rows])
+    low = rate - np.array([r["ci95_low"] for r in rows])
+    high = np.array([r["ci95_high"] for r in rows]) - rate
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 1.5), 3.5))
+    colors = ["tab:blue"] * (len(rows) - 1) + ["tab:gray"]
+    ax.bar(range(len(rows)), rate, yerr=np.stack([low, high]), capsize=4, color=colors)
+    ax.set_xticks(range(len(rows)), names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("success rate (95% Wilson CI)")
+    ax.set_title(f"{summary['sim']}: {summary['overall']['episodes']} episodes, {os.path.basename(summary['model'])}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = None, episodes: int = 10,
+             out: str = "results.json", video_dir: str | None = None, video_episodes: int = 1,
+             video_format: str = "gif", seed: int = 0, execute_steps: int = DEFAULT_EXECUTE_STEPS,
+             max_steps: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE, embodiment: str | None = None,
+             robot: str | None = None, num_inference_steps: int | None = None, device: str | None = None,
+             progress: bool = True) -> dict:
+    """Roll ``model`` out on ``tasks`` for ``episodes`` each; write ``out`` (JSON) and a success chart beside it.
+
+    Args:
+        model: a VLA checkpoint folder or Hub id (loaded with ``pipeline("robot-action", model=...)``).
+        sim / tasks / robot: simulator, its task names (default: its default task set) and arm (robosuite).
+        episodes: episodes per task.
+        video_dir: write the first ``video_episodes`` episodes of each task as ``<task>_ep<i>.<video_format>``.
+        seed: base of the evaluation seeds (see the module docstring).
+        execute_steps: actions executed from each chunk before re-planning.
+        max_steps: step limit per episode (default: the task's own limit).
+        image_size: camera size in pixels; must match the demonstrations the model was trained on.
+        embodiment: the robot name the checkpoint knows this arm by (default: the simulator's robot name).
+    Returns:
+        The results dict written to ``out``.
+    """
+    import torch
+    from transformers import pipeline
+
+    import modeling_actprior  # noqa: F401  (registers the robot-action task)
+    from modeling_actprior.sim import setup_rendering_env
+    from modeling_actprior.sim.generate import _check_installed, resolve
+
+    if sim not in EVAL_SIMULATORS:
+        raise ValueError(f"Closed-loop evaluation supports {', '.join(EVAL_SIMULATORS)}; got {sim!r}.")
+    if video_format not in ("gif", "mp4"):
+        raise ValueError(f"video_format must be 'gif' or 'mp4'; got {video_format!r}.")
+    _check_installed(sim)
+    setup_rendering_env()  # before MuJoCo is imported anywhere
+    _, tasks, robots = resolve(sim, tasks, [robot] if robot else None)
+    robot = robots[0]
+    embodiment = embodiment or robot
+    robot_pipeline = pipeline("robot-action", model=model, device=device or ("cuda" if torch.cuda.is_available()
+                                                                           else "cpu"))
+    robot_pipeline.normalizer.spec(embodiment)  # fail before any rollout if the checkpoint lacks this robot
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks) * int(episodes), desc=f"{sim} rollouts", unit="ep")
+    t_start = time.perf_counter()
+    summaries, all_outcomes = [], []
+    try:
+        for task in tasks:
+            sim_task = _make_task(sim, task, int(image_size), robot)
+            outcomes = []
+            for i, env_seed in enumerate(evaluation_seeds(seed, sim, task, robot, episodes)):
+                record = video_dir is not None and i < int(video_episodes)
+                t0 = time.perf_counter()
+                ok, steps, plans, frames = run_episode(robot_pipeline, sim_task, env_seed, execute_steps,
+                                                       max_steps or sim_task.max_steps, embodiment,
+                                                       num_inference_steps, record)
+                outcome = EpisodeOutcome(task, i, env_seed, ok, steps, plans, time.perf_counter() - t0)
+                if record and frames:
+                    fps = min(30.0, robot_pipeline.normalizer.spec(embodiment).fps)
+                    outcome.video = write_video(frames, os.path.join(video_dir, f"{task}_ep{i}.{video_format}"), fps)
+                outcomes.append(outcome)
+                if bar is not None:
+                    bar.update(1)
+                    done = all_outcomes + outcomes
+                    bar.set_postfix(success=f"{sum(o.success for o in done)}/{len(done)}")
+            summaries.append(_summarize(task, sim_task.instruction, outcomes))
+            all_outcomes += outcomes
+    finally:
+        if bar is not None:
+            bar.close()
+
+    overall = _summarize("overall", "", all_outcomes)
+    results = {
+        "model": str(model),
+        "sim": sim,
+        "robot": robot,
+        "embodiment": embodiment,
+        "tasks": [{k: v for k, v in asdict(s).items()} for s in summaries],
+        "overall": {k: v for k, v in asdict(overall).items() if k not in ("task", "instruction", "episodes_detail")},
+        "settings": {"episodes_per_task": int(episodes), "seed": int(seed), "seed_namespace": eval_namespace(sim),
+                     "execute_steps": int(execute_steps), "max_steps": max_steps, "image_size": int(image_size),
+                     "num_inference_steps": num_inference_steps, "confidence": 0.95, "interval": "wilson"},
+        "seconds": time.perf_counter() - t_start,
+        "python": platform.python_version(),
+    }
+    out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
+    chart = os.path.splitext(os.path.abspath(out))[0] + "_success.png"
+    results["chart"] = os.path.basename(plot_success(results, chart))
+    results["videos"] = [os.path.abspath(o.video) for o in all_outcomes if o.video]
+    with open(out, "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def _summarize(task: str, instruction: str, outcomes: list[EpisodeOutcome]) -> TaskSummary:
+    n, k = len(outcomes), sum(o.success for o in outcomes)
+    low, high = wilson_interval(k, n)
+    steps = [o.steps for o in outcomes if o.success]
+    return TaskSummary(task, instruction, n, k, k / n if n else 0.0, low, high,
+                       float(np.mean(steps)) if steps else None,
+                       [{k_: v for k_, v in asdict(o).items() if k_ != "task"} for o in outcomes])
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="VLA checkpoint folder or Hub id")
+    parser.add_argument("--sim", default="metaworld", choices=EVAL_SIMULATORS)
+    parser.add_argument("--tasks", default=None, help="comma-separated task names (default: the simulator's set)")
+    parser.add_argument("--robot", default=None, help="arm (robosuite; default panda)")
+    parser.add_argument("--embodiment", default=None, help="the checkpoint's name for the arm (default: --robot)")
+    parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    parser.add_argument("--out", default="results.json", help="results JSON (the chart PNG is written beside it)")
+    parser.add_argument("--video-dir", default=None, help="write rollout videos here")
+    parser.add_argument("--video-episodes", type=int, default=1, help="episodes per task recorded with --video-dir")
+    parser.add_argument("--video-format", default="gif", choices=("gif", "mp4"))
+    parser.add_argument("--seed", type=int, default=0, help="base of the evaluation seeds")
+    parser.add_argument("--execute-steps", type=int, default=DEFAULT_EXECUTE_STEPS,
+                        help="actions executed from each chunk before re-planning")
+    parser.add_argument("--max-steps", type=int, default=None, help="step limit per episode (default: the task's)")
+    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="camera size of the training data")
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="flow steps (default: the checkpoint's)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    results = evaluate(args.model, args.sim, args.tasks, args.episodes, args.out, args.video_dir, args.video_episodes,
+                       args.video_format, args.seed, args.execute_steps, args.max_steps, args.image_size,
+                       args.embodiment, args.robot, args.num_inference_steps, args.device, not args.no_progress)
+    for row in results["tasks"]:
+        print(f"{row['task']:<28} {row['successes']:>3}/{row['episodes']:<3} success "
+              f"{row['success_rate']:.2f} [{row['ci95_low']:.2f}, {row['ci95_high']:.2f}]")
+    o = results["overall"]
+    print(f"{'overall':<28} {o['successes']:>3}/{o['episodes']:<3} success {o['success_rate']:.2f} "
+          f"[{o['ci95_low']:.2f}, {o['ci95_high']:.2f}] -> {args.out}")
+    return 0
+
+
+__all__ = ["EpisodeOutcome", "evaluate", "evaluation_seeds", "plot_success", "run_episode", "wilson_interval",
+           "write_video"]

@@ -1,0 +1,259 @@
+"""``RobotActionPipeline``: camera image(s) + instruction + past actions -> the next action chunk in robot units.
+
+```python
+import modeling_actprior                      # registers the "robot-action" task
+from transformers import pipeline
+
+robot = pipeline("robot-action", model="org/actprior-vla")
+out = robot(image, instruction="open the drawer", history=past_actions, embodiment="sawyer", seed=0)
+out["actions"]        # (chunk_size, action_dim) float32 numpy, raw units of that robot
+```
+
+Inputs (one sample, or lists for a batch):
+
+* ``images``: a PIL image, an ``(H, W, 3)`` uint8 array or an image path; or a dict ``{camera: image}`` (the VLA
+  sees one camera: the dict's only entry, or the one named by ``camera=``).
+* ``instruction``: the task in words.
+* ``history``: raw past actions ``(K', action_dim)``, oldest first, in the robot's own units; ``K'`` may be 0
+  (episode start) or shorter than the model's ``history_length`` K; longer histories keep their last K steps.
+* ``embodiment``: the robot's name; the checkpoint must carry normalization statistics for it.
+* ``state``: optional current state ``(S,)``, standardized as in training (``S <= max_state_dim``).
+* ``num_inference_steps``: flow steps (default: the checkpoint's scheduler).
+* ``seed`` (int, or one per sample) or ``generator`` (one, or one per sample): each sample draws its initial noise
+  ``(chunk_size, max_action_dim)`` from its own generator, so a sample's actions do not depend on which batch it
+  was in.
+
+Output: a dict (a list of dicts for a batch) with ``actions`` ``(chunk_size, action_dim)`` raw, ``embodiment``,
+``action_names``, ``fps``, ``chunk_size`` and ``control_mode``.
+
+Every call samples with its own scheduler copy (``scheduler.for_run``), so one pipeline may serve many threads.
+
+This file is copied next to exported checkpoints (``custom_pipelines`` in config.json) and loaded with
+``trust_remote_code=True`` where ``modeling_actprior`` is not installed, so it imports only transformers, torch,
+numpy and PIL.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from transformers import Pipeline
+
+TASK = "robot-action"
+
+
+def _describe(x) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+class RobotActionPipeline(Pipeline):
+    """Closed-loop inference for ``VLAWithPriorForAction`` checkpoints (see the module docstring for inputs)."""
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_tokenizer = False
+    _load_feature_extractor = False
+    _load_video_processor = False
+
+    def __init__(self, *args, camera: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                "The robot-action pipeline needs the checkpoint's ActionPriorProcessor (image processor, tokenizer, "
+                "action statistics); save it beside the model (processor.save_pretrained) or pass processor=."
+            )
+        self.camera = camera
+
+    # ------------------------------------------------------------------------------------ call
+    def __call__(self, images, instruction=None, history=None, embodiment=None, state=None, **kwargs):
+        """Next action chunk(s); a list of images is one batch (one VLM forward) and returns a list of dicts."""
+        inputs = {"images": images, "instruction": instruction, "history": history, "embodiment": embodiment,
+                  "state": state}
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, num_inference_steps=None, seed=None, generator=None, camera=None, **kwargs):
+        if kwargs:
+            raise TypeError(
+                f"robot-action got unexpected arguments {sorted(kwargs)}; it takes images, instruction, history, "
+                "embodiment, state, num_inference_steps, seed, generator and camera."
+            )
+        preprocess = {k: v for k, v in (("seed", seed), ("generator", generator), ("camera", camera)) if v is not None}
+        forward = {"num_inference_steps": num_inference_steps} if num_inference_steps is not None else {}
+        return preprocess, forward, {}
+
+    @property
+    def normalizer(self):
+        """The checkpoint's action statistics (the model's, else the processor's copy)."""
+        norm = getattr(self.model, "normalizer", None) or getattr(self.processor, "action_normalizer", None)
+        if norm is None:
+            raise ValueError(
+                "This checkpoint carries no action normalization statistics (action_normalizer.json), so its outputs "
+                "cannot be turned into robot units. Save the normalizer fitted on the training data with the model."
+            )
+        return norm
+
+    # ------------------------------------------------------------------------------------ steps
+    def preprocess(self, inputs, seed=None, generator=None, camera=None):
+        batched = isinstance(inputs["images"], (list, tuple))
+        images = list(inputs["images"]) if batched else [inputs["images"]]
+        b = len(images)
+        if b == 0:
+            raise ValueError("Got an empty list of images; pass at least one observation.")
+        texts = self._per_sample(inputs["instruction"], b, "instruction", str)
+        if any(not isinstance(t, str) for t in texts):
+            raise TypeError("instruction must be a string (or a list of one string per image).")
+        names = self._per_sample(inputs["embodiment"], b, "embodiment", str)
+        norm = self.normalizer
+        specs = [norm.spec(n) if isinstance(n, str) else self._no_embodiment(n) for n in names]
+        histories = self._histories(inputs["history"], b, batched, specs)
+        pixels = [self._load_image(img, i, camera or self.camera) for i, img in enumerate(images)]
+        feats = dict(self.processor(images=pixels, text=texts, history=histories, embodiment=names))
+        feats["pixel_values"] = feats["pixel_values"].to(self.model.dtype)
+        state = self._states(inputs["state"], b, batched)
+        if state is not None:
+            feats["state"] = state
+        feats["noise"] = self._noise(b, seed, generator)
+        feats["embodiments"] = names
+        feats["batched"] = batched
+        return feats
+
+    def _forward(self, model_inputs, num_inference_steps=None):
+        names, batched = model_inputs.pop("embodiments"), model_inputs.pop("batched")
+        chunk = self.model.predict_action(**model_inputs, num_inference_steps=num_inference_steps)
+        return {"chunk": chunk, "embodiments": names, "batched": batched}
+
+    def postprocess(self, model_outputs):
+        norm, chunk = self.normalizer, model_outputs["chunk"].float().cpu()
+        out = []
+        for i, name in enumerate(model_outputs["embodiments"]):
+            spec = norm.spec(name)
+            out.append({
+                "actions": norm.unnormalize(chunk[i], name).numpy().astype(np.float32),
+                "embodiment": name,
+                "action_names": list(spec.action_names),
+                "fps": float(spec.fps),
+                "chunk_size": int(chunk.shape[1]),
+                "control_mode": spec.control_mode,
+            })
+        return out if model_outputs["batched"] else out[0]
+
+    # ------------------------------------------------------------------------------------ input checks
+    @staticmethod
+    def _per_sample(value, b, what, kind):
+        if isinstance(value, (list, tuple)):
+            if len(value) != b:
+                raise ValueError(f"Got {b} images but {len(value)} values of {what}; give one {what} per image "
+                                 "(or a single one for all).")
+            return list(value)
+        return [value] * b
+
+    def _no_embodiment(self, value):
+        raise ValueError(
+            f"embodiment must be the robot's name; got {value!r}. This checkpoint has statistics for: "
+            f"{', '.join(self.normalizer.embodiment_names)}."
+        )
+
+    def _histories(self, history, b, batched, specs):
+        if history is None:
+            rows = [None] * b
+        elif batched and (isinstance(history, (list, tuple)) or getattr(history, "ndim", 0) == 3):
+            rows = list(history)
+            if len(rows) != b:
+                raise ValueError(f"Got {b} images but {len(rows)} histories; give one (steps, action_dim) history "
+                                 "per image.")
+        else:
+            rows = [history] * b
+        k = self.processor.history_length
+        out = []
+        for i, (h, spec) in enumerate(zip(rows, specs)):
+            if h is None:
+                h = np.zeros((0, spec.action_dim), np.float32)
+            h = h.detach().cpu().float().numpy() if isinstance(h, torch.Tensor) else np.asarray(h, dtype=np.float32)
+            if h.size == 0:
+                h = h.reshape(0, spec.action_dim)
+            if h.ndim == 1 and h.shape[0] == spec.action_dim:
+                h = h[None]
+            if h.ndim != 2 or h.shape[-1] != spec.action_dim:
+                raise ValueError(
+                    f"history{f' {i}' if batched else ''} for {spec.name!r} must be (steps, {spec.action_dim}) raw "
+                    f"actions ({', '.join(spec.action_names)}), oldest first; got shape {tuple(h.shape)}."
+                )
+            out.append(h[-k:] if k > 0 else h[:0])
+        return out
+
+    def _states(self, state, b, batched):
+        if state is None:
+            return None
+        width = int(getattr(self.model.config.prior_config, "max_state_dim", 0))
+        if width == 0:
+            raise ValueError("This checkpoint does not read states (prior max_state_dim=0); drop state=.")
+        rows = list(state) if batched and (isinstance(state, (list, tuple)) or getattr(state, "ndim", 0) == 2) \
+            else [state] * b
+        out = torch.zeros(b, width)
+        for i, s in enumerate(rows):
+            s = torch.as_tensor(np.asarray(s, dtype=np.float32)).reshape(-1)
+            if s.shape[0] > width:
+                raise ValueError(f"state has {s.shape[0]} values; this checkpoint reads at most max_state_dim={width}.")
+            out[i, : s.shape[0]] = s
+        return out
+
+    def _load_image(self, img, i, camera):
+        if isinstance(img, dict):
+            if camera is not None:
+                if camera not in img:
+                    raise KeyError(f"Camera {camera!r} is not among the given cameras {sorted(img)}.")
+                img = img[camera]
+            elif len(img) == 1:
+                img = next(iter(img.values()))
+            else:
+                raise ValueError(
+                    f"Got {len(img)} cameras {sorted(img)} but this model sees one image; pick it with "
+                    "camera='NAME' (in the call or when building the pipeline)."
+                )
+        if isinstance(img, (str, os.PathLike)):
+            from PIL import Image
+
+            if not os.path.isfile(img):
+                raise FileNotFoundError(f"Image {i}: no file at {img}.")
+            with Image.open(img) as f:
+                return f.convert("RGB")
+        if type(img).__module__.startswith("PIL."):
+            return img.convert("RGB")
+        if isinstance(img, torch.Tensor):
+            raise TypeError(f"Image {i}: got a torch tensor {_describe(img)}; pass a PIL image or an (H, W, 3) uint8 "
+                            "numpy array (img.permute(1, 2, 0).mul(255).byte().numpy() for a CHW float tensor).")
+        if isinstance(img, np.ndarray):
+            if img.ndim == 3 and img.shape[-1] == 3 and img.dtype == np.uint8:
+                return img
+            hint = ""
+            if img.dtype != np.uint8 and np.issubdtype(img.dtype, np.floating):
+                hint = " For floats in [0, 1] use (img * 255).round().astype(np.uint8)."
+            elif img.ndim == 3 and img.shape[0] == 3:
+                hint = " For a channels-first image use img.transpose(1, 2, 0)."
+            elif img.ndim == 2 or (img.ndim == 3 and img.shape[-1] in (1, 4)):
+                hint = " Convert to RGB first (e.g. PIL.Image.fromarray(img).convert('RGB'))."
+            raise ValueError(f"Image {i}: expected an (H, W, 3) uint8 RGB array; got {_describe(img)}.{hint}")
+        raise TypeError(f"Image {i}: expected a PIL image, an (H, W, 3) uint8 array, a path, or a dict of cameras; "
+                        f"got {_describe(img)}.")
+
+    def _noise(self, b, seed, generator):
+        pc = self.model.config.prior_config
+        shape = (pc.chunk_size, pc.max_action_dim)
+        if generator is not None and seed is not None:
+            raise ValueError("Pass seed or generator, not both.")
+        if seed is not None:
+            seeds = self._per_sample(seed, b, "seed", int)
+            gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        elif generator is not None:
+            gens = self._per_sample(generator, b, "generator", torch.Generator)
+        else:
+            gens = [None] * b
+        # Drawn on the CPU sample by sample: a sample's noise depends only on its own generator.
+        return torch.stack([torch.randn(shape, generator=g) for g in gens])
+
+
+__all__ = ["TASK", "RobotActionPipeline"]
