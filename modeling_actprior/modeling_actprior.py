@@ -260,10 +260,21 @@ class ActionCheckpointMixin:
             self.scheduler.save_pretrained(os.path.join(save_directory, SCHEDULER_SUBFOLDER))
             if self.normalizer is not None:
                 self.normalizer.save_pretrained(save_directory)
+            _write_checksums(save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if os.path.isdir(str(pretrained_model_name_or_path)):
+            _verify_checksums(str(pretrained_model_name_or_path))
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as e:
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} cannot be read as safetensors ({e}): the file is "
+                "truncated or was modified. Download or export the checkpoint again."
+            ) from None
         # The model was built on the meta device; a sampler made here holds real tensors.
         default = FlowMatchingActionScheduler.from_config(model.scheduler.config)
         model.scheduler, model.normalizer = _load_sidecars(pretrained_model_name_or_path, default, kwargs)
@@ -499,6 +510,47 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
         chunk = self.sample_actions(latent.sample, mask, num_inference_steps, generator)
         raw = self.normalizer.unnormalize(chunk, embodiment)
         return raw[0] if single else raw
+
+
+CHECKSUMS_NAME = "weights_sha256.json"
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_checksums(folder: str) -> None:
+    """Record the sha256 of every weight file, so a truncated or altered file is caught at load time."""
+    import json
+
+    sums = {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder)) if n.endswith(".safetensors")}
+    with open(os.path.join(folder, CHECKSUMS_NAME), "w") as f:
+        json.dump(sums, f, indent=2)
+
+
+def _verify_checksums(folder: str) -> None:
+    import json
+
+    path = os.path.join(folder, CHECKSUMS_NAME)
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        sums = json.load(f)
+    for name, expected in sums.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file} is missing: {CHECKSUMS_NAME} lists it. Copy the whole checkpoint folder.")
+        if _sha256(file) != expected:
+            raise ValueError(
+                f"{file} does not match the sha256 recorded when the checkpoint was saved ({CHECKSUMS_NAME}): the "
+                "file was truncated or modified. Download or export the checkpoint again."
+            )
 
 
 def _load_sidecars(path, default_scheduler, kwargs):

@@ -178,7 +178,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in os.listdir(root):  # left by a run killed while writing
+            if stale.startswith(".tmp-step-"):
+                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp, safe_serialization=True)
     accelerator.wait_for_everyone()

@@ -31,6 +31,6 @@ echo "[setup] installing actprior[sim,dev]"
 # robosuite's humanoid whole-body IK, which we don't touch. Put numpy 2 back (pip then notes the mink pin).
 if ! .venv/bin/python -c "import numpy, sys; sys.exit(int(numpy.__version__.split('.')[0]) < 2)"; then
   echo "[setup] restoring numpy 2 after robosuite's mink pin"
-  .venv/bin/pip install -q --disable-pip-version-check "numpy>=2,<2.6" 2>&1 | grep -v "^WARNING: Location\|mink" || true
+  .venv/bin/pip install -q --disable-pip-version-check "numpy>=2,<2.6" 2>&1 | grep -v "^WARNING: Location\|mink\|dependency resolver\|dependency conflicts" || true
 fi
 .venv/bin/python -c "import modeling_actprior, torch, transformers; print(f'[setup] ok: actprior {modeling_actprior.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -249,3 +249,24 @@ def test_current_state_reaches_the_latent_only_when_configured():
     assert not torch.allclose(a, b)
     without = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny")).eval()
     assert torch.equal(without.encode(hist, state=torch.zeros(2, 5)).mean, without.encode(hist, state=torch.ones(2, 5)).mean)
+
+
+def test_truncated_or_tampered_weights_are_refused_with_the_file_named(tiny_prior, tmp_path):
+    tiny_prior.save_pretrained(tmp_path / "ok")
+    weights = tmp_path / "ok" / "model.safetensors"
+    data = weights.read_bytes()
+
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors does not match the sha256"):
+        AutoModel.from_pretrained(tmp_path / "ok")
+
+    flipped = bytearray(data)
+    flipped[-5] ^= 0xFF  # a weight value, not the header: only the checksum can tell
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="truncated or modified"):
+        AutoModel.from_pretrained(tmp_path / "ok")
+
+    (tmp_path / "ok" / "weights_sha256.json").unlink()  # without checksums, safetensors' own checks still name it
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot be read as safetensors"):
+        AutoModel.from_pretrained(tmp_path / "ok")
