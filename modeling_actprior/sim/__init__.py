@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,3 +133,41 @@ __all__ = [
     "make_episode",
     "setup_rendering_env",
 ]
+
+
+def collect_with_retries(sim: str, task: str, robot: str, episode_index: int, seed: int, max_attempts: int,
+                         rollout, instruction: str) -> EpisodeResult:
+    """Roll out ``rollout(seed)`` on the episode's deterministic seeds until one succeeds (at most
+    ``max_attempts``). ``rollout`` returns ``(success, actions, states, frames or None, steps)``."""
+    res = EpisodeResult(sim, task, robot, episode_index)
+    t0 = time.perf_counter()
+    for attempt in range(max_attempts):
+        s = episode_seed(seed, sim, task, robot, episode_index, attempt)
+        res.attempts += 1
+        res.seeds.append(s)
+        ok, actions, states, frames, n = rollout(s)
+        res.steps += n
+        if ok:
+            images = {CAMERA_NAME: frames} if frames is not None else None
+            res.episode = make_episode(actions, states, instruction, images, True)
+            break
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def iter_expert_episodes(expert, tasks, robots, episodes: int, image_size, seed: int, max_attempts: int,
+                         results: list | None):
+    """``(EmbodimentSpec, Episode)`` for every robot x task x episode of an expert module (``TASKS``,
+    ``ROBOTS``, ``embodiment``, ``collect_episode``), successful episodes only; every ``EpisodeResult`` is
+    appended to ``results`` when given."""
+    tasks = check_choices("task", tasks, expert.TASKS, expert.DEFAULT_TASKS, expert.SIM)
+    robots = check_choices("robot", robots, expert.ROBOTS, expert.DEFAULT_ROBOTS, expert.SIM)
+    for robot in robots:
+        spec = expert.embodiment(robot)
+        for task in tasks:
+            for i in range(int(episodes)):
+                res = expert.collect_episode(task, robot, i, seed, image_size, max_attempts)
+                if results is not None:
+                    results.append(res)
+                if res.episode is not None:
+                    yield spec, res.episode

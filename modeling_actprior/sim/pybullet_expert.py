@@ -25,13 +25,13 @@ Images (when ``image_size`` is given): a fixed camera facing the robot (TinyRend
 from __future__ import annotations
 
 import math
-import time
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import CAMERA_NAME, DEFAULT_MAX_ATTEMPTS, EpisodeResult, check_choices, episode_seed, make_episode
+from . import DEFAULT_MAX_ATTEMPTS, EpisodeResult, check_choices, collect_with_retries, iter_expert_episodes
 
 SIM = "pybullet"
 CONTROL_FREQ = 20
@@ -300,34 +300,13 @@ def collect_episode(task: str, robot: str, episode_index: int, seed: int = 0, im
     """One successful, seeded episode of ``task`` on ``robot`` (up to ``max_attempts`` seeds)."""
     check_choices("task", [task], TASKS, DEFAULT_TASKS, SIM)
     check_choices("robot", [robot], ROBOTS, DEFAULT_ROBOTS, SIM)
-    res = EpisodeResult(SIM, task, robot, episode_index)
-    t0 = time.perf_counter()
-    for attempt in range(max_attempts):
-        s = episode_seed(seed, SIM, task, robot, episode_index, attempt)
-        res.attempts += 1
-        res.seeds.append(s)
-        ok, actions, states, frames, n = _rollout(task, robot, s, image_size)
-        res.steps += n
-        if ok:
-            images = {CAMERA_NAME: frames} if frames is not None else None
-            res.episode = make_episode(actions, states, INSTRUCTIONS[task], images, True)
-            break
-    res.seconds = time.perf_counter() - t0
-    return res
+    return collect_with_retries(SIM, task, robot, episode_index, seed, max_attempts,
+                                lambda s: _rollout(task, robot, s, image_size), INSTRUCTIONS[task])
 
 
 def iter_episodes(tasks: Sequence[str] | None = None, robots: Sequence[str] | None = None, episodes: int = 1,
                   image_size: int | None = None, seed: int = 0, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                   results: list | None = None) -> Iterator[tuple]:
     """Yield ``(EmbodimentSpec, Episode)`` for every robot x task x episode, successful episodes only."""
-    tasks = check_choices("task", tasks, TASKS, DEFAULT_TASKS, SIM)
-    robots = check_choices("robot", robots, ROBOTS, DEFAULT_ROBOTS, SIM)
-    for robot in robots:
-        spec = embodiment(robot)
-        for task in tasks:
-            for i in range(int(episodes)):
-                res = collect_episode(task, robot, i, seed, image_size, max_attempts)
-                if results is not None:
-                    results.append(res)
-                if res.episode is not None:
-                    yield spec, res.episode
+    return iter_expert_episodes(sys.modules[__name__], tasks, robots, episodes, image_size, seed, max_attempts,
+                                results)
