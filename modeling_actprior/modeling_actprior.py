@@ -220,6 +220,63 @@ class FlowMatchingActionDecoder(nn.Module):
         return v * dm[:, None, :]
 
 
+# --------------------------------------------------------------------------------------------- flow math
+def sample_flow_time(config: ActionPriorConfig, batch_size: int, device, generator=None) -> torch.Tensor:
+    """Training flow times ``(B,)`` from ``config``'s density, mapped into ``[time_min, time_max]``."""
+    if config.time_sampling == "uniform":
+        u = torch.rand(batch_size, generator=generator, device=device)
+    elif config.time_sampling == "beta":
+        # Beta(a, b) through two Gamma draws would ignore `generator`; inverse-CDF sampling keeps it.
+        u = _beta_icdf_sample(batch_size, config.time_beta_alpha, config.time_beta_beta, generator, device)
+    else:
+        n = torch.randn(batch_size, generator=generator, device=device)
+        u = torch.sigmoid(config.time_logit_normal_mean + config.time_logit_normal_std * n)
+    return config.time_min + (config.time_max - config.time_min) * u
+
+
+def flow_matching_loss(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingActionScheduler, z: torch.Tensor,
+                       actions: torch.Tensor, action_mask: torch.Tensor, dim_mask: torch.Tensor, noise: torch.Tensor,
+                       timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Masked flow-matching MSE of ``decoder`` on a chunk; returns ``(loss, velocity, target)``.
+
+    ``actions``/``noise`` ``(B, H, D_max)``, ``action_mask`` ``(B, H)``, ``dim_mask`` ``(B, D_max)``, ``timesteps``
+    ``(B,)``, ``z`` ``(B, d_z)``. Steps past an episode's end carry no data: their clean value is zeroed (the
+    model still sees noise there, as at inference) and their loss is masked, so padding content never matters.
+    """
+    dm = dim_mask.to(actions.dtype)[:, None, :]
+    step = action_mask.to(actions.dtype)[..., None]
+    clean, noise = actions * dm * step, noise * dm
+    x_t = scheduler.add_noise(clean, noise, timesteps)
+    target = noise - clean
+    dtype = decoder.out.weight.dtype
+    velocity = decoder(x_t.to(dtype), timesteps.to(dtype), z.to(dtype), dim_mask).float()
+    weight = dm * step
+    loss = ((velocity - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+    return loss, velocity, target
+
+
+@torch.no_grad()
+def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingActionScheduler, z: torch.Tensor,
+                   dim_mask: torch.Tensor, chunk_size: int, num_inference_steps: int | None = None,
+                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise -> chunk ``(B, H, D_max)`` float32 through ``decoder`` given latents ``z`` ``(B, d_z)``.
+
+    The latent's conditioning is computed once per chunk; only the decoder runs per flow step, on a private
+    copy of ``scheduler`` (safe across threads) whose state stays float32 whatever the decoder's dtype.
+    """
+    b, dev = z.shape[0], z.device
+    run = scheduler.for_run(num_inference_steps, device=dev)
+    shape = (b, chunk_size, dim_mask.shape[-1])
+    x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32) if noise is None else noise.float()
+    x = x * dim_mask[:, None, :]
+    dtype = decoder.out.weight.dtype
+    latent_condition = decoder.condition(z.to(dtype))
+    for t in run.timesteps:
+        v = decoder(x.to(dtype), t.expand(b).to(dtype), None, dim_mask, latent_condition=latent_condition)
+        x = run.step(v, t, x).prev_sample
+    return x * dim_mask[:, None, :]
+
+
 # --------------------------------------------------------------------------------------------- models
 class ActionPriorPreTrainedModel(PreTrainedModel):
     config_class = ActionPriorConfig
@@ -366,16 +423,7 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
     # ------------------------------------------------------------------------------------ training
     def sample_time(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         """Flow times ``(B,)`` from the configured density, mapped into ``[time_min, time_max]``."""
-        c = self.config
-        if c.time_sampling == "uniform":
-            u = torch.rand(batch_size, generator=generator, device=device)
-        elif c.time_sampling == "beta":
-            # Beta(a, b) through two Gamma draws would ignore `generator`; inverse-CDF sampling keeps it.
-            u = _beta_icdf_sample(batch_size, c.time_beta_alpha, c.time_beta_beta, generator, device)
-        else:
-            n = torch.randn(batch_size, generator=generator, device=device)
-            u = torch.sigmoid(c.time_logit_normal_mean + c.time_logit_normal_std * n)
-        return c.time_min + (c.time_max - c.time_min) * u
+        return sample_flow_time(self.config, batch_size, device, generator)
 
     def forward(
         self,
@@ -410,21 +458,12 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
         self._check_inputs(history, history_mask, dim_mask, actions, action_mask)
 
         latent = self.encode(history, history_mask, dim_mask, state, sample=self.training, generator=generator)
-        dm = dim_mask.to(actions.dtype)[:, None, :]
         if noise is None:
             noise = torch.randn(actions.shape, generator=generator, device=dev, dtype=torch.float32).to(actions.dtype)
         if timesteps is None:
             timesteps = self.sample_time(b, dev, generator).to(actions.dtype)
-        # Steps past an episode's end carry no data: their clean value is zeroed (the model still sees
-        # noise there, as at inference) and their loss is masked, so padding content never matters.
-        step = action_mask.to(actions.dtype)[..., None]
-        clean, noise = actions * dm * step, noise * dm
-        x_t = self.scheduler.add_noise(clean, noise, timesteps)
-        target = noise - clean
-        velocity = self.decoder(x_t, timesteps, latent.sample, dim_mask)
-
-        weight = dm * step
-        flow_loss = ((velocity - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+        flow_loss, velocity, target = flow_matching_loss(self.decoder, self.scheduler, latent.sample, actions,
+                                                         action_mask, dim_mask, noise, timesteps)
         kl = gaussian_kl(latent.mean, latent.logvar).mean()
         loss = flow_loss + self.config.kl_weight * kl
         out = ActionPriorOutput(loss=loss, flow_loss=flow_loss, kl_loss=kl, velocity=velocity,
@@ -453,18 +492,9 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
         Returns:
             ``(B, H, D_max)`` float32 normalized actions, zero in padded dimensions.
         """
-        b, dev = z.shape[0], z.device
-        dim_mask = torch.ones(b, self.config.max_action_dim, dtype=torch.bool, device=dev) if dim_mask is None else dim_mask
-        run = (scheduler or self.scheduler).for_run(num_inference_steps, device=dev)
-        shape = (b, self.config.chunk_size, self.config.max_action_dim)
-        x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32) if noise is None else noise.float()
-        x = x * dim_mask[:, None, :]
-        dtype = next(self.decoder.parameters()).dtype
-        latent_condition = self.decoder.condition(z.to(dtype))  # once per chunk, not once per flow step
-        for t in run.timesteps:
-            v = self.decoder(x.to(dtype), t.expand(b).to(dtype), None, dim_mask, latent_condition=latent_condition)
-            x = run.step(v, t, x).prev_sample
-        return x * dim_mask[:, None, :]
+        dim_mask = torch.ones(z.shape[0], self.config.max_action_dim, dtype=torch.bool, device=z.device) if dim_mask is None else dim_mask
+        return integrate_flow(self.decoder, scheduler or self.scheduler, z, dim_mask, self.config.chunk_size,
+                              num_inference_steps, generator, noise)
 
     @torch.no_grad()
     def predict_actions(

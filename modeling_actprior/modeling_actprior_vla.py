@@ -40,7 +40,9 @@ from .modeling_actprior import (
     ActionHistoryEncoder,
     ActionPriorPreTrainedModel,
     FlowMatchingActionDecoder,
-    _beta_icdf_sample,
+    flow_matching_loss,
+    integrate_flow,
+    sample_flow_time,
 )
 from .scheduling_flow_matching import FlowMatchingActionScheduler
 
@@ -88,18 +90,6 @@ class VLAWithPriorOutput(ModelOutput):
 def gaussian_kl_between(mean_p, logvar_p, mean_q, logvar_q) -> torch.Tensor:
     """``KL(N(mean_p, exp(logvar_p)) || N(mean_q, exp(logvar_q)))`` summed over the last dim: ``(B, d_z)`` -> ``(B,)``."""
     return 0.5 * (logvar_q - logvar_p + (logvar_p.exp() + (mean_p - mean_q).pow(2)) / logvar_q.exp() - 1.0).sum(-1)
-
-
-def sample_flow_time(config: ActionPriorConfig, batch_size: int, device, generator=None) -> torch.Tensor:
-    """Training flow times ``(B,)`` from the prior's configured density (the same as Stage 1 draws)."""
-    if config.time_sampling == "uniform":
-        u = torch.rand(batch_size, generator=generator, device=device)
-    elif config.time_sampling == "beta":
-        u = _beta_icdf_sample(batch_size, config.time_beta_alpha, config.time_beta_beta, generator, device)
-    else:
-        n = torch.randn(batch_size, generator=generator, device=device)
-        u = torch.sigmoid(config.time_logit_normal_mean + config.time_logit_normal_std * n)
-    return config.time_min + (config.time_max - config.time_min) * u
 
 
 # --------------------------------------------------------------------------------------------- models
@@ -433,20 +423,13 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
             eps = torch.randn(mean.shape, generator=generator, device=dev, dtype=torch.float32)
             z = mean + torch.exp(0.5 * logvar) * eps
         action_mask = torch.ones(actions.shape[:2], dtype=torch.bool, device=dev) if action_mask is None else action_mask
-        dm = dim_mask.to(actions.dtype)[:, None, :]
         if noise is None:
             noise = torch.randn(actions.shape, generator=generator, device=dev, dtype=torch.float32).to(actions.dtype)
         if timesteps is None:
             timesteps = sample_flow_time(self.config.prior_config, b, dev, generator).to(actions.dtype)
-        # As in Stage 1: past-the-end steps carry noise in, zero clean value, no loss.
-        steps_valid = action_mask.to(actions.dtype)[..., None]
-        clean, noise = actions * dm * steps_valid, noise * dm
-        x_t = self.scheduler.add_noise(clean, noise, timesteps)
-        target = noise - clean
+        bc_loss, velocity, target = flow_matching_loss(self.action_head, self.scheduler, z, actions, action_mask,
+                                                       dim_mask, noise, timesteps)
         head_dtype = self.action_head.out.weight.dtype
-        velocity = self.action_head(x_t.to(head_dtype), timesteps.to(head_dtype), z.to(head_dtype), dim_mask).float()
-        weight = dm * steps_valid
-        bc_loss = ((velocity - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
 
         lam = self.config.distill_lambda(int(self.training_step) if step is None else step)
         prior_mean = prior_logvar = None
@@ -481,18 +464,9 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
 
         Returns ``(B, H, D_max)`` float32 normalized actions, zero in padded dimensions.
         """
-        pc, b, dev = self.config.prior_config, z.shape[0], z.device
-        dim_mask = self._default_dim_mask(b, dev) if dim_mask is None else dim_mask
-        run = (scheduler or self.scheduler).for_run(num_inference_steps, device=dev)
-        shape = (b, pc.chunk_size, pc.max_action_dim)
-        x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32) if noise is None else noise.float()
-        x = x * dim_mask[:, None, :]
-        dtype = self.action_head.out.weight.dtype
-        latent_condition = self.action_head.condition(z.to(dtype))
-        for t in run.timesteps:
-            v = self.action_head(x.to(dtype), t.expand(b).to(dtype), None, dim_mask, latent_condition=latent_condition)
-            x = run.step(v, t, x).prev_sample
-        return x * dim_mask[:, None, :]
+        dim_mask = self._default_dim_mask(z.shape[0], z.device) if dim_mask is None else dim_mask
+        return integrate_flow(self.action_head, scheduler or self.scheduler, z, dim_mask,
+                              self.config.prior_config.chunk_size, num_inference_steps, generator, noise)
 
     @torch.no_grad()
     def predict_action(
