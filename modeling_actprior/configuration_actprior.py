@@ -14,6 +14,10 @@ ACTPRIOR_CONFIG_VERSION = 1
 
 TIME_SAMPLING_DENSITIES = ("beta", "uniform", "logit_normal")
 
+# Keys transformers itself passes to a config besides its dataclass fields (from config.json or from_pretrained).
+_TRANSFORMERS_KWARGS = {"auto_map", "model_type", "name_or_path", "torch_dtype", "attn_implementation",
+                        "output_attentions", "experts_implementation", "per_layer_config", "num_labels"}
+
 #: Size presets. ``tiny`` is for tests and CI; ``base`` is near the paper's 4-layer encoder and
 #: 4-block MLP decoder.
 ACTPRIOR_PRESETS = {
@@ -113,6 +117,14 @@ class ActionPriorConfig(PreTrainedConfig):
     actprior_config_version: int = ACTPRIOR_CONFIG_VERSION
 
     def __post_init__(self, **kwargs):
+        unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KWARGS and not k.startswith("_"))
+        if unknown:
+            fields = sorted(f for f in self.__dataclass_fields__ if not f.startswith("_"))
+            raise ValueError(
+                f"ActionPriorConfig got unknown field(s) {unknown} (config written with actprior config version "
+                f"{self.actprior_config_version}; this code reads version {ACTPRIOR_CONFIG_VERSION}). Known fields: "
+                f"{fields}. Fix the name, or upgrade actprior if the checkpoint comes from a newer release."
+            )
         super().__post_init__(**kwargs)
         self._check()
 

@@ -270,3 +270,16 @@ def test_truncated_or_tampered_weights_are_refused_with_the_file_named(tiny_prio
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot be read as safetensors"):
         AutoModel.from_pretrained(tmp_path / "ok")
+
+
+def test_unknown_config_fields_are_refused_with_the_known_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['latent_dims'\].*Known fields: .*latent_dim"):
+        ap.ActionPriorConfig(latent_dims=8)
+    ap.ActionPriorConfig.from_preset("tiny").save_pretrained(tmp_path)
+    import json
+
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["decoder_kind"] = "transformer"  # a field from some other release
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="decoder_kind"):
+        AutoConfig.from_pretrained(tmp_path)
