@@ -1,0 +1,60 @@
+"""FLOP counting and the machine's matmul rate, for ``benchmarks/speed.py``.
+
+* ``count_flops(fn)``: FLOPs of one call, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+  convolutions and attention; elementwise ops are not counted, as usual for MFU).
+* ``matmul_gflops(n, ...)``: measured dense matmul rate of this machine, ``2 n^3`` FLOPs per ``n x n`` product.
+* ``nominal_peak_tflops(device_name)``: vendor dense bf16 peak of common NVIDIA GPUs (for MFU on a GPU).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+#: Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, from the vendors' data sheets (SXM parts).
+NOMINAL_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "B200": 2250.0, "A100": 312.0,
+                       "L40S": 362.1, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "V100": 125.0}
+
+
+def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
+    """``(flops, fn(*args, **kwargs))`` with the FLOPs of that one call."""
+    with FlopCounterMode(display=False) as counter:
+        out = fn(*args, **kwargs)
+    return int(counter.get_total_flops()), out
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(n: int, reps: int = 10, warmup: int = 3, dtype=torch.float32, device="cpu") -> dict:
+    """Median GFLOP/s (and IQR) of ``n x n @ n x n`` in ``dtype`` on ``device``."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(warmup):
+        a @ b
+    _sync(device)
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    q1, med, q3 = np.percentile(rates, [25, 50, 75])
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "median_gflops": float(med), "iqr_gflops": float(q3 - q1),
+            "reps": reps}
+
+
+def nominal_peak_tflops(device_name: str) -> float | None:
+    """The data-sheet dense bf16 peak for a device name such as ``"NVIDIA H200"``, or None if unknown."""
+    for key in sorted(NOMINAL_BF16_TFLOPS, key=len, reverse=True):
+        if key in device_name:
+            return NOMINAL_BF16_TFLOPS[key]
+    return None
+
+
+__all__ = ["NOMINAL_BF16_TFLOPS", "count_flops", "matmul_gflops", "nominal_peak_tflops"]

@@ -1,0 +1,942 @@
+#!/usr/bin/env python
+"""Speed of actprior: inference latency against transformers' PI0 at matched size, where the time goes, the cost
+of the history token, training throughput against the data loader, and the machine's own limit.
+
+    python benchmarks/speed.py --quick                 # tiny preset, 64 px, chunk 16 (a few minutes on 2 cores)
+    python benchmarks/speed.py                         # tiny + small, 64 + 96 px, chunk 16 + 50
+    python benchmarks/speed.py --gpu-7b                # the openvla-7b section on a CUDA GPU (benchmarks/gpu_check.sh)
+
+Sections (CPU, one process, threads pinned with --threads):
+
+1. ``pipeline("robot-action")`` end to end, batch 1, one camera, 10 flow steps, per (preset, image size, chunk).
+2. ``PI0ForConditionalGeneration`` (transformers) built from a tiny config at the same size: the same VLM towers
+   (PaliGemma: SigLIP + Gemma, the dimensions of our preset) and a Gemma action expert sized so the parameters used at
+   inference match ours. Timed model-only (``sample_actions``) and end to end (the same processor for image and text,
+   ``sample_actions``, unnormalization: everything our pipeline does except what is ours alone).
+3. Where our pipeline's time goes: processor (``pipeline.preprocess``), the VLM prefix (``model.encode``: one VLM
+   forward), the flow loop (``model.sample_actions``: action head only), postprocessing (unnormalize).
+4. History token on vs off: pipeline latency and a Stage-2 training step (forward, backward, clip, AdamW; batch 8).
+5. Training throughput: Stage 1 (``ActionPriorModel``, batch 64) and Stage 2 (VLA, batch 8) against the rate of the
+   data loader over a synthetic corpus (``tests/synthetic.py``), in the same run.
+6. fp32 matmul GFLOP/s of this machine and the model's achieved GFLOP/s (``FlopCounterMode``).
+
+Variants compared are interleaved within each repetition (their order rotates), warm-up calls are not timed, and
+every figure is a median with its interquartile range; ratios are medians of per-repetition (paired) ratios.
+Writes JSON (default ``benchmarks/results/speed.json``; ``speed_quick.json`` with ``--quick``; ``speed_gpu.json`` with
+``--gpu-7b``) and prints markdown tables and the goals as PASS/FAIL lines. A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+for extra in (ROOT / "benchmarks", ROOT / "training_scripts", ROOT / "tests", ROOT):
+    if str(extra) not in sys.path:
+        sys.path.insert(0, str(extra))
+
+INSTRUCTIONS = ["put the block in the bowl", "open the drawer", "reach the goal"]
+EMBODIMENT = "xarm6"  # 7-D actions, a robot of the synthetic corpus
+FLOW_STEPS = 10
+D_MAX = 32
+
+# The issue's goals.
+GOAL_PI0_RATIO = 0.5
+GOAL_FLOW_SHARE = 0.20
+GOAL_HISTORY_OVERHEAD = 0.03
+GOAL_LOADER_RATIO = 10.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny preset, 64 px, chunk 16 only; fewer repetitions")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    p.add_argument("--presets", nargs="+", default=None, help="VLA presets for sections 1-3 (default tiny small)")
+    p.add_argument("--image-sizes", nargs="+", type=int, default=None, help="default 64 96")
+    p.add_argument("--chunks", nargs="+", type=int, default=None, help="default 16 50")
+    p.add_argument("--vlm-family", default="paligemma", choices=["paligemma", "llava"],
+                   help="our VLM family; paligemma (default) gives exactly PI0's VLM towers")
+    p.add_argument("--train-preset", default="small", help="VLA preset of sections 4-5 (Stage-1 prior: same name)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per comparison (default 30; 12 quick)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--sections", nargs="+", default=["latency", "training"], choices=["latency", "training"],
+                   help="latency: sections 1-3; training: sections 4-5 (6 always runs)")
+    p.add_argument("--out", default=None)
+    g = p.add_argument_group("GPU section (--gpu-7b)")
+    g.add_argument("--gpu-7b", action="store_true", help="run only the GPU section (bf16, openvla-7b, LoRA)")
+    g.add_argument("--device", default="cuda", help="device of the GPU section (cpu only for a dry run)")
+    g.add_argument("--gpu-preset", default="openvla-7b", help="preset of the GPU section (tiny for a CPU dry run)")
+    g.add_argument("--gpu-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    g.add_argument("--gpu-batch", type=int, default=8)
+    g.add_argument("--lora-r", type=int, default=16)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.presets = args.presets or ["tiny"]
+        args.image_sizes = args.image_sizes or [64]
+        args.chunks = args.chunks or [16]
+        args.reps = args.reps or 12
+    args.presets = args.presets or ["tiny", "small"]
+    args.image_sizes = args.image_sizes or [64, 96]
+    args.chunks = args.chunks or [16, 50]
+    args.reps = args.reps or 30
+    if args.out is None:
+        name = "speed_gpu.json" if args.gpu_7b else "speed_quick.json" if args.quick else "speed.json"
+        args.out = str(ROOT / "benchmarks" / "results" / name)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ timing
+def summarize(seconds) -> dict:
+    a = np.asarray(seconds, dtype=float) * 1e3
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return {"median_ms": round(float(med), 3), "iqr_ms": round(float(q3 - q1), 3), "q1_ms": round(float(q1), 3),
+            "q3_ms": round(float(q3), 3), "n": int(a.size)}
+
+
+def paired_ratio(a, b) -> dict:
+    """Median and IQR of per-repetition ratios a_i / b_i (the two were timed back to back in repetition i)."""
+    r = np.asarray(a, dtype=float) / np.asarray(b, dtype=float)
+    q1, med, q3 = np.percentile(r, [25, 50, 75])
+    return {"median": round(float(med), 4), "iqr": round(float(q3 - q1), 4), "q1": round(float(q1), 4),
+            "q3": round(float(q3), 4)}
+
+
+def interleave(fns: dict, reps: int, warmup: int, sync=None) -> dict[str, list[float]]:
+    """Time each callable ``reps`` times, all variants once per repetition, rotating their order; ``warmup``
+    untimed calls of each first. Returns ``{name: [seconds, ...]}``."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    if sync:
+        sync()
+    times = {n: [] for n in names}
+    for r in range(reps):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[n]()
+            if sync:
+                sync()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def fmt(s: dict) -> str:
+    return f"{s['median_ms']:.2f} ± {s['iqr_ms']:.2f}"
+
+
+def fmt_ratio(r: dict) -> str:
+    return f"{r['median']:.2f} [{r['q1']:.2f}, {r['q3']:.2f}]"
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ models
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def vla_dims(preset: str, image_size: int | None, image_token_id: int | None = None):
+    """``(vision dict, text dict, image token id, prior preset)`` of a VLA preset, at ``image_size``."""
+    from modeling_actprior.configuration_actprior_vla import VLA_PRESETS
+
+    vision, text, tok, prior_preset = VLA_PRESETS[preset]
+    vision = dict(vision, image_size=image_size or vision["image_size"])
+    return vision, dict(text), tok if image_token_id is None else image_token_id, prior_preset
+
+
+def vla_config(preset, family, image_size, chunk, image_token_id=None, **overrides):
+    import modeling_actprior as ap
+    from modeling_actprior.configuration_actprior_vla import _vlm
+
+    vision, text, tok, prior_preset = vla_dims(preset, image_size, image_token_id)
+    prior = ap.ActionPriorConfig.from_preset(prior_preset, chunk_size=chunk, num_inference_steps=FLOW_STEPS)
+    return ap.VLAWithPriorConfig(vlm_config=_vlm(family, vision, text, tok), prior_config=prior, **overrides)
+
+
+def make_normalizer(d_max: int = D_MAX):
+    import modeling_actprior as ap
+
+    rng = np.random.default_rng(0)
+    norm = ap.ActionNormalizer(d_max)
+    for name in (EMBODIMENT, "sawyer"):
+        spec = ap.get_embodiment(name)
+        norm.add_embodiment(spec, rng.normal(size=(500, spec.action_dim)) * 0.5 + 0.1)
+    return norm
+
+
+def build_vla(preset, family, image_size, chunk, seed=0, **overrides):
+    """A random VLA with statistics for two robots, and its processor."""
+    import torch
+
+    import modeling_actprior as ap
+
+    torch.manual_seed(seed)
+    model = ap.VLAWithPriorForAction(vla_config(preset, family, image_size, chunk, **overrides)).eval()
+    model.normalizer = make_normalizer(model.config.prior_config.max_action_dim)
+    processor = ap.ActionPriorProcessor.from_config(model.config, model.normalizer, instructions=INSTRUCTIONS)
+    return model, processor
+
+
+def ours_param_split(model) -> dict:
+    d = {"vlm": n_params(model.vlm), "action_head": n_params(model.action_head),
+         "latent_readout": n_params(model.latent_readout) + model.latent_query.numel(),
+         "history_token": (n_params(model.history_encoder) + n_params(model.history_projection))
+         if model.config.history_token else 0,
+         "teacher_training_only": n_params(model.teacher), "total": n_params(model)}
+    d["active_inference"] = d["total"] - d["teacher_training_only"]
+    d["action_side_active"] = d["active_inference"] - d["vlm"]
+    return d
+
+
+def pi0_param_split(pi0) -> dict:
+    emb = pi0.model.dit.get_input_embeddings().weight.numel()
+    d = {"vlm": n_params(pi0.model.vlm),
+         "expert": n_params(pi0.model.dit) - emb + n_params(pi0.embed_action_time) + n_params(pi0.action_out_proj),
+         "expert_unused_token_embedding": emb, "total": n_params(pi0)}
+    d["active_inference"] = d["total"] - emb
+    return d
+
+
+def pi0_config(preset, image_size, chunk, expert_hidden, expert_ffn, image_token_id=None):
+    """PI0 with the PaliGemma towers of our preset at ``image_size`` and a Gemma expert of the given width. The
+    expert shares the VLM's layer count, KV heads and head dim (it attends to the VLM's per-layer KV cache)."""
+    from transformers import PI0Config
+
+    from modeling_actprior.configuration_actprior_vla import _vlm
+
+    vision, text, tok, _ = vla_dims(preset, image_size, image_token_id)
+    vlm = _vlm("paligemma", vision, text, tok)
+    tc = vlm["text_config"]
+    dit = {"model_type": "gemma", "hidden_size": int(expert_hidden), "intermediate_size": int(expert_ffn),
+           "num_hidden_layers": tc["num_hidden_layers"], "num_attention_heads": tc["num_attention_heads"],
+           "num_key_value_heads": tc["num_key_value_heads"], "head_dim": tc["head_dim"],
+           "max_position_embeddings": tc["max_position_embeddings"]}
+    return PI0Config(vlm_config=vlm, dit_config=dit, chunk_size=chunk, max_action_dim=D_MAX, max_state_dim=D_MAX,
+                     num_inference_steps=FLOW_STEPS)
+
+
+def size_pi0_expert(preset, image_size, chunk, ours_active: int, image_token_id=None) -> dict:
+    """Width and FFN size of PI0's action expert so that PI0's parameters used at inference (all but the expert's
+    unused token embedding) equal ``ours_active`` (ours: all but the training-only teacher). Counted on the meta
+    device. Tries the VLM's width first, then halves it until a FFN of at least the width fits."""
+    import torch
+    from transformers import PI0ForConditionalGeneration
+
+    def split(h, ffn):
+        with torch.device("meta"):
+            return pi0_param_split(PI0ForConditionalGeneration(pi0_config(preset, image_size, chunk, h, ffn,
+                                                                          image_token_id)))
+
+    width = vla_dims(preset, image_size)[1]["hidden_size"]
+    best = None
+    while width >= 16:
+        a, b = split(width, 64), split(width, 64 + 1024)
+        slope = (b["active_inference"] - a["active_inference"]) / 1024
+        ffn = int(round((64 + (ours_active - a["active_inference"]) / slope) / 8) * 8)
+        if ffn >= width:
+            best = (width, ffn)
+            break
+        best = (width, max(ffn, 8))
+        width //= 2
+    width, ffn = best
+    s = split(width, ffn)
+    return {"expert_hidden": width, "expert_ffn": ffn, "pi0_active_inference": s["active_inference"],
+            "mismatch": round(s["active_inference"] / ours_active - 1, 4)}
+
+
+def build_pi0(preset, image_size, chunk, sizing, seed=0, image_token_id=None):
+    import torch
+    from transformers import PI0ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = pi0_config(preset, image_size, chunk, sizing["expert_hidden"], sizing["expert_ffn"], image_token_id)
+    return PI0ForConditionalGeneration(cfg).eval()
+
+
+# ------------------------------------------------------------------------------------------------ sections 1-3
+def run_setting(args, preset, image_size, chunk, tmp) -> dict:
+    import torch
+    from flops import count_flops
+    from transformers import pipeline
+
+    from modeling_actprior.hub import export_for_hub
+
+    tag = f"{preset}/{image_size}px/chunk{chunk}"
+    print(f"[latency] {tag}: building", flush=True)
+    model, processor = build_vla(preset, args.vlm_family, image_size, chunk)
+    path = export_for_hub(model, processor, os.path.join(tmp, f"{preset}-{image_size}-{chunk}"))
+    del model
+    robot = pipeline("robot-action", model=path, device="cpu")
+    ours = robot.model.eval()
+    ours_split = ours_param_split(ours)
+    sizing = size_pi0_expert(preset, image_size, chunk, ours_split["active_inference"])
+    pi0 = build_pi0(preset, image_size, chunk, sizing)
+    pi0_split = pi0_param_split(pi0)
+    norm = robot.normalizer
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+    history = rng.normal(size=(ours.config.prior_config.history_length, 7)).astype(np.float32)
+    instruction = INSTRUCTIONS[0]
+    call = {"images": image, "instruction": instruction, "history": history, "embodiment": EMBODIMENT, "state": None}
+
+    # The exact tensors the pipeline builds (for model-only timing and the breakdown).
+    feats = robot.preprocess(dict(call), seed=0)
+    model_inputs = {k: v for k, v in feats.items() if k not in ("embodiments", "batched")}
+    pi0_feats = processor(images=[image], text=[instruction])
+    pi0_inputs = {"input_ids": pi0_feats["input_ids"], "attention_mask": pi0_feats["attention_mask"],
+                  "pixel_values": pi0_feats["pixel_values"][:, None],
+                  "pixel_attention_mask": torch.ones(1, 1, dtype=torch.bool), "state": torch.zeros(1, D_MAX),
+                  "noise": torch.randn(1, chunk, D_MAX, generator=torch.Generator().manual_seed(0))}
+    width = norm.spec(EMBODIMENT).action_dim
+
+    def ours_pipeline():
+        return robot(image, instruction=instruction, history=history, embodiment=EMBODIMENT, seed=0,
+                     num_inference_steps=FLOW_STEPS)
+
+    def ours_model():
+        return ours.predict_action(**model_inputs, num_inference_steps=FLOW_STEPS)
+
+    @torch.no_grad()
+    def pi0_end_to_end():
+        f = processor(images=[image], text=[instruction])
+        noise = torch.randn(1, chunk, D_MAX, generator=torch.Generator().manual_seed(0))
+        out = pi0.sample_actions(state=torch.zeros(1, D_MAX), input_ids=f["input_ids"], attention_mask=f["attention_mask"],
+                                 pixel_values=f["pixel_values"][:, None], pixel_attention_mask=torch.ones(1, 1, dtype=torch.bool),
+                                 noise=noise, num_steps=FLOW_STEPS)
+        return norm.unnormalize(out[0, :, :width].float(), EMBODIMENT).numpy().astype(np.float32)
+
+    def pi0_model():
+        return pi0.sample_actions(**pi0_inputs, num_steps=FLOW_STEPS)
+
+    parts = []
+
+    @torch.no_grad()
+    def breakdown():
+        t0 = time.perf_counter()
+        f = robot.preprocess(dict(call), seed=0)
+        t1 = time.perf_counter()
+        names, batched = f.pop("embodiments"), f.pop("batched")
+        mean, _ = ours.encode(f["input_ids"], f["pixel_values"], f["attention_mask"], f["history"], f["history_mask"],
+                              f["dim_mask"], f.get("state"))
+        t2 = time.perf_counter()
+        chunk_ = ours.sample_actions(mean, f["dim_mask"], FLOW_STEPS, noise=f["noise"])
+        t3 = time.perf_counter()
+        robot.postprocess({"chunk": chunk_, "embodiments": names, "batched": batched})
+        t4 = time.perf_counter()
+        parts.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+
+    # Same answer through the breakdown path as through the pipeline (the parts are what the pipeline runs).
+    ref = ours_pipeline()["actions"]
+    with torch.no_grad():
+        f = robot.preprocess(dict(call), seed=0)
+        m, _ = ours.encode(f["input_ids"], f["pixel_values"], f["attention_mask"], f["history"], f["history_mask"],
+                           f["dim_mask"], None)
+        again = robot.postprocess({"chunk": ours.sample_actions(m, f["dim_mask"], FLOW_STEPS, noise=f["noise"]),
+                                   "embodiments": f["embodiments"], "batched": False})["actions"]
+    assert np.allclose(ref, again, atol=1e-5), "breakdown path differs from the pipeline"
+    assert pi0_end_to_end().shape == ref.shape
+
+    print(f"[latency] {tag}: timing ({args.reps} reps)", flush=True)
+    times = interleave({"ours_pipeline": ours_pipeline, "pi0_end_to_end": pi0_end_to_end, "ours_model": ours_model,
+                        "pi0_model": pi0_model, "breakdown": breakdown}, args.reps, args.warmup)
+    parts = np.asarray(parts[-args.reps:])
+    part_names = ["preprocess", "vlm_prefix", "flow_steps", "postprocess"]
+    e2e = summarize(times["ours_pipeline"])
+    share = {n: round(float(np.median(parts[:, i]) * 1e3 / e2e["median_ms"]), 4) for i, n in enumerate(part_names)}
+    share["pipeline_overhead"] = round(1.0 - sum(share.values()), 4)
+    # Share within the same call (each repetition's parts over their own sum), robust to run-to-run drift.
+    within = parts / parts.sum(1, keepdims=True)
+    flow_within = float(np.median(within[:, 2]))
+
+    ours_flops, _ = count_flops(ours_model)
+    enc_flops, _ = count_flops(lambda: ours.encode(model_inputs["input_ids"], model_inputs["pixel_values"],
+                                                    model_inputs["attention_mask"], model_inputs["history"],
+                                                    model_inputs["history_mask"], model_inputs["dim_mask"]))
+    pi0_flops, _ = count_flops(pi0_model)
+    model_ms = summarize(times["ours_model"])["median_ms"]
+    pi0_ms = summarize(times["pi0_model"])["median_ms"]
+    row = {
+        "setting": tag, "preset": preset, "image_size": image_size, "chunk": chunk, "flow_steps": FLOW_STEPS,
+        "vlm_family": args.vlm_family, "prefix_tokens": int(model_inputs["input_ids"].shape[1]),
+        "ours_params": ours_split, "pi0_params": pi0_split, "pi0_expert_sizing": sizing,
+        "latency": {k: summarize(v) for k, v in times.items()},
+        "ratio_pipeline_vs_pi0_end_to_end": paired_ratio(times["ours_pipeline"], times["pi0_end_to_end"]),
+        "ratio_model_vs_pi0_model": paired_ratio(times["ours_model"], times["pi0_model"]),
+        "ratio_pipeline_vs_pi0_model": paired_ratio(times["ours_pipeline"], times["pi0_model"]),
+        "breakdown_ms": {n: summarize(parts[:, i]) for i, n in enumerate(part_names)},
+        "breakdown_share_of_pipeline": share,
+        "flow_share_within_call": round(flow_within, 4),
+        "flops": {"ours_predict_action": ours_flops, "ours_vlm_prefix": enc_flops,
+                  "ours_flow_steps": ours_flops - enc_flops, "pi0_sample_actions": pi0_flops},
+        "achieved_gflops": {"ours_predict_action": round(ours_flops / model_ms / 1e6, 3),
+                            "pi0_sample_actions": round(pi0_flops / pi0_ms / 1e6, 3)},
+    }
+    # A shared machine can starve one setting: flag it when any variant's IQR exceeds half its median.
+    row["noisy"] = any(v["iqr_ms"] > 0.5 * v["median_ms"] for v in row["latency"].values())
+    if row["noisy"]:
+        row["setting"] += " (noisy)"
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ sections 4-5
+def build_corpus(tmp):
+    from synthetic import make_corpus
+
+    from modeling_actprior.data import fit_normalizer, load_lerobot_dataset
+
+    t0 = time.perf_counter()
+    dirs = make_corpus(Path(tmp) / "corpus", n_episodes=16, length=60, images=64)
+    corpora = [load_lerobot_dataset(d) for d in dirs]
+    norm = fit_normalizer(corpora, max_action_dim=D_MAX)
+    return corpora, norm, time.perf_counter() - t0
+
+
+def batch_iter(sets, batch_size, collate, seed=0):
+    from modeling_actprior.data import MixtureDataset
+    from modeling_actprior.training import endless_batches
+
+    total = sum(len(s) for s in sets)
+    mix = MixtureDataset(sets, num_samples=total // batch_size * batch_size, seed=seed)
+    return endless_batches(mix, batch_size, 0, collate=collate)
+
+
+def training_sections(args, tmp) -> dict:
+    import torch
+    from flops import count_flops
+    from train_stage2 import VLACollator, build_optimizer
+    from transformers import pipeline
+
+    import modeling_actprior as ap
+    from modeling_actprior.data import ActionWindowDataset, VLAWindowDataset, collate_windows
+    from modeling_actprior.hub import export_for_hub
+
+    out = {}
+    corpora, norm, built_s = build_corpus(tmp)
+    out["corpus"] = {"datasets": len(corpora), "episodes": sum(c.num_episodes for c in corpora),
+                     "frames": sum(c.num_frames for c in corpora), "image_size": 64, "build_s": round(built_s, 2)}
+    preset = args.train_preset
+    reps = 2 * args.reps  # the history token's effect is a few percent: twice the repetitions
+
+    # ---------------------------------------------------------------- 4a: history token, inference latency
+    print(f"[history] {preset}: pipeline latency on vs off", flush=True)
+    robots = {}
+    for on in (True, False):
+        m, proc = build_vla(preset, args.vlm_family, 64, 16, history_token=on)
+        robots[on] = pipeline("robot-action", model=export_for_hub(m, proc, os.path.join(tmp, f"hist-{on}")), device="cpu")
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    history = rng.normal(size=(16, 7)).astype(np.float32)
+    call = dict(instruction=INSTRUCTIONS[0], history=history, embodiment=EMBODIMENT, seed=0,
+                num_inference_steps=FLOW_STEPS)
+    feats = {on: {k: v for k, v in r.preprocess({"images": image, "state": None, **{k: call[k] for k in
+                                                ("instruction", "history", "embodiment")}}, seed=0).items()
+                  if k not in ("embodiments", "batched")} for on, r in robots.items()}
+    t = interleave({"pipeline_on": lambda: robots[True](image, **call),
+                    "pipeline_off": lambda: robots[False](image, **call),
+                    "model_on": lambda: robots[True].model.predict_action(**feats[True], num_inference_steps=FLOW_STEPS),
+                    "model_off": lambda: robots[False].model.predict_action(**feats[False],
+                                                                            num_inference_steps=FLOW_STEPS)},
+                   reps, args.warmup)
+    out["history_token_inference"] = {
+        "preset": preset, "image_size": 64, "chunk": 16,
+        "latency": {k: summarize(v) for k, v in t.items()},
+        "ratio_pipeline_on_off": paired_ratio(t["pipeline_on"], t["pipeline_off"]),
+        "ratio_model_on_off": paired_ratio(t["model_on"], t["model_off"]),
+        "prefix_tokens": {"on": int(feats[True]["input_ids"].shape[1]) + 2,
+                          "off": int(feats[False]["input_ids"].shape[1]) + 1},
+    }
+    robots.clear()
+    gc.collect()
+
+    # ---------------------------------------------------------------- 4b + 5: Stage-2 training, history on/off, loader
+    print(f"[stage2] {preset}: training step on vs off, batch 8, and the loader", flush=True)
+    cfg_on = vla_config(preset, args.vlm_family, 64, 16)
+    processor = ap.ActionPriorProcessor.from_config(cfg_on, norm, instructions=sorted(
+        {t for c in corpora for t in c.meta.tasks if t}) or INSTRUCTIONS)
+    collate = VLACollator(processor, "front")
+    vla_sets = [VLAWindowDataset(c, norm, history=16, chunk=16, cameras=["front"]) for c in corpora]
+    vla_batches = batch_iter(vla_sets, 8, collate)
+    raw_batches = batch_iter(vla_sets, 8, collate_windows, seed=1)
+    pool = [next(vla_batches) for _ in range(4)]
+    opt_args = argparse.Namespace(learning_rate=1e-4, weight_decay=1e-4)
+    models, opts = {}, {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        models[on] = ap.VLAWithPriorForAction(vla_config(preset, args.vlm_family, 64, 16, history_token=on)).train()
+        opts[on] = build_optimizer(models[on], opt_args)
+    counter = itertools.count()
+
+    def train_step(on):
+        def step():
+            model = models[on]
+            batch = pool[next(counter) % len(pool)]
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opts[on].step()
+            opts[on].zero_grad(set_to_none=True)
+        return step
+
+    t = interleave({"train_on": train_step(True), "train_off": train_step(False),
+                    "loader_vla_collator": lambda: next(vla_batches),
+                    "loader_collate_windows": lambda: next(raw_batches)}, reps, args.warmup)
+    m = models[True]
+
+    def fwd_bwd():
+        m(**pool[0]).loss.backward()
+
+    train_flops, _ = count_flops(fwd_bwd)
+    m.zero_grad(set_to_none=True)
+    step_ms = summarize(t["train_on"])["median_ms"]
+    out["history_token_training"] = {
+        "preset": preset, "batch_size": 8, "kd_weight_at_step": m.config.distill_lambda(0),
+        "step_ms": {"on": summarize(t["train_on"]), "off": summarize(t["train_off"])},
+        "ratio_on_off": paired_ratio(t["train_on"], t["train_off"]),
+        "trainable_params": {"on": models[True].num_trainable_parameters(),
+                             "off": models[False].num_trainable_parameters()},
+    }
+    out["stage2"] = {
+        "preset": preset, "batch_size": 8, "step": summarize(t["train_on"]),
+        "train_samples_per_s": round(8 / (step_ms / 1e3), 2),
+        "train_samples_per_s_aggregate": round(8 * len(t["train_on"]) / sum(t["train_on"]), 2),
+        "loader_batch": summarize(t["loader_vla_collator"]),
+        "loader_samples_per_s": round(8 * len(t["loader_vla_collator"]) / sum(t["loader_vla_collator"]), 2),
+        "loader_without_processor_samples_per_s": round(8 * len(t["loader_collate_windows"])
+                                                        / sum(t["loader_collate_windows"]), 2),
+        "fwd_bwd_flops": train_flops, "achieved_gflops": round(train_flops / step_ms / 1e6, 3),
+    }
+    out["stage2"]["loader_samples_per_s_median"] = round(8 / (summarize(t["loader_vla_collator"])["median_ms"] / 1e3), 2)
+    # Medians on both sides: on a shared machine a few stalled steps would otherwise inflate the ratio.
+    out["stage2"]["loader_over_training"] = round(out["stage2"]["loader_samples_per_s_median"]
+                                                  / out["stage2"]["train_samples_per_s"], 3)
+    out["stage2"]["loader_over_training_aggregate"] = round(out["stage2"]["loader_samples_per_s"]
+                                                            / out["stage2"]["train_samples_per_s_aggregate"], 3)
+    models.clear()
+    opts.clear()
+    gc.collect()
+
+    # ---------------------------------------------------------------- 5: Stage-1 training vs loader
+    print(f"[stage1] {preset}: training step, batch 64, and the loader", flush=True)
+    sets = [ActionWindowDataset(c, norm, history=16, chunk=16) for c in corpora]
+    batches = batch_iter(sets, 64, collate_windows)
+    pool = [next(batches) for _ in range(4)]
+    torch.manual_seed(0)
+    prior = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset(preset)).train()
+    opt = torch.optim.AdamW(prior.parameters(), lr=1e-4, weight_decay=1e-4)
+    counter = itertools.count()
+
+    def stage1_step():
+        batch = pool[next(counter) % len(pool)]
+        prior(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(prior.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = interleave({"train": stage1_step, "loader": lambda: next(batches)}, reps, args.warmup)
+    s1_flops, _ = count_flops(lambda: prior(**pool[0]).loss.backward())
+    prior.zero_grad(set_to_none=True)
+    step_ms = summarize(t["train"])["median_ms"]
+    out["stage1"] = {
+        "preset": preset, "batch_size": 64, "params": n_params(prior), "step": summarize(t["train"]),
+        "train_windows_per_s": round(64 / (step_ms / 1e3), 1),
+        "train_windows_per_s_aggregate": round(64 * len(t["train"]) / sum(t["train"]), 1),
+        "loader_batch": summarize(t["loader"]),
+        "loader_windows_per_s": round(64 * len(t["loader"]) / sum(t["loader"]), 1),
+        "fwd_bwd_flops": s1_flops, "achieved_gflops": round(s1_flops / step_ms / 1e6, 3),
+    }
+    out["stage1"]["loader_windows_per_s_median"] = round(64 / (summarize(t["loader"])["median_ms"] / 1e3), 1)
+    out["stage1"]["loader_over_training"] = round(out["stage1"]["loader_windows_per_s_median"]
+                                                  / out["stage1"]["train_windows_per_s"], 3)
+    out["stage1"]["loader_over_training_aggregate"] = round(out["stage1"]["loader_windows_per_s"]
+                                                            / out["stage1"]["train_windows_per_s_aggregate"], 3)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def millions(n) -> str:
+    return f"{n / 1e6:.3f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
+
+
+def report_cpu(result) -> str:
+    out = []
+    settings = result["settings"]
+    out.append("### 1-2. Latency, batch 1, 10 flow steps (ms, median ± IQR); ratio = median of paired ratios [IQR]")
+    out.append(md_table(
+        ["setting", "ours pipeline", "PI0 end-to-end", "ours/PI0 e2e", "ours model", "PI0 model", "ours/PI0 model"],
+        [[s["setting"], fmt(s["latency"]["ours_pipeline"]), fmt(s["latency"]["pi0_end_to_end"]),
+          fmt_ratio(s["ratio_pipeline_vs_pi0_end_to_end"]), fmt(s["latency"]["ours_model"]),
+          fmt(s["latency"]["pi0_model"]), fmt_ratio(s["ratio_model_vs_pi0_model"])] for s in settings]))
+    out.append("\n### Parameters (ours: active = all but the training-only teacher; PI0: all but the expert's unused "
+               "token embedding)")
+    out.append(md_table(
+        ["setting", "ours VLM", "ours head", "ours hist+readout", "ours active", "PI0 VLM", "PI0 expert",
+         "PI0 active", "mismatch", "PI0 expert (width/ffn)"],
+        [[s["setting"], millions(s["ours_params"]["vlm"]), millions(s["ours_params"]["action_head"]),
+          millions(s["ours_params"]["history_token"] + s["ours_params"]["latent_readout"]),
+          millions(s["ours_params"]["active_inference"]), millions(s["pi0_params"]["vlm"]),
+          millions(s["pi0_params"]["expert"]), millions(s["pi0_params"]["active_inference"]),
+          f"{100 * s['pi0_expert_sizing']['mismatch']:+.1f}%",
+          f"{s['pi0_expert_sizing']['expert_hidden']}/{s['pi0_expert_sizing']['expert_ffn']}"] for s in settings]))
+    out.append("\n### 3. Where our pipeline's time goes (share of the median pipeline latency; ms median)")
+    out.append(md_table(
+        ["setting", "prefix tokens", "preprocess", "VLM prefix", "flow steps (10)", "postprocess", "pipeline overhead",
+         "flow share within call", "GFLOP ours/PI0"],
+        [[s["setting"], s["prefix_tokens"]]
+         + [f"{100 * s['breakdown_share_of_pipeline'][k]:.1f}% ({s['breakdown_ms'][k]['median_ms']:.2f})"
+            for k in ("preprocess", "vlm_prefix", "flow_steps", "postprocess")]
+         + [f"{100 * s['breakdown_share_of_pipeline']['pipeline_overhead']:.1f}%",
+            f"{100 * s['flow_share_within_call']:.1f}%",
+            f"{s['flops']['ours_predict_action'] / 1e9:.3f} / {s['flops']['pi0_sample_actions'] / 1e9:.3f}"]
+         for s in settings]))
+    tr = result.get("training")
+    if tr:
+        hi, ht = tr["history_token_inference"], tr["history_token_training"]
+        out.append(f"\n### 4. History token on vs off ({hi['preset']}, 64 px, chunk 16)")
+        out.append(md_table(
+            ["measure", "on (ms)", "off (ms)", "on/off (paired) [IQR]"],
+            [["pipeline latency", fmt(hi["latency"]["pipeline_on"]), fmt(hi["latency"]["pipeline_off"]),
+              fmt_ratio(hi["ratio_pipeline_on_off"])],
+             ["predict_action", fmt(hi["latency"]["model_on"]), fmt(hi["latency"]["model_off"]),
+              fmt_ratio(hi["ratio_model_on_off"])],
+             [f"Stage-2 train step (batch 8, λ={ht['kd_weight_at_step']:g})", fmt(ht["step_ms"]["on"]),
+              fmt(ht["step_ms"]["off"]), fmt_ratio(ht["ratio_on_off"])]]))
+        s1, s2 = tr["stage1"], tr["stage2"]
+        out.append("\n### 5. Training throughput vs the data loader (same run; rates from median step / batch times, "
+                   "total-time rates in brackets)")
+        out.append(md_table(
+            ["stage", "step ms", "train samples/s", "loader samples/s", "loader / training"],
+            [[f"Stage 1 ({s1['preset']} prior, batch 64)", fmt(s1["step"]),
+              f"{s1['train_windows_per_s']:.0f} [{s1['train_windows_per_s_aggregate']:.0f}]",
+              f"{s1['loader_windows_per_s_median']:.0f} [{s1['loader_windows_per_s']:.0f}]",
+              f"{s1['loader_over_training']:.1f}x [{s1['loader_over_training_aggregate']:.1f}x]"],
+             [f"Stage 2 ({s2['preset']} VLA, batch 8)", fmt(s2["step"]),
+              f"{s2['train_samples_per_s']:.1f} [{s2['train_samples_per_s_aggregate']:.1f}]",
+              f"{s2['loader_samples_per_s_median']:.0f} [{s2['loader_samples_per_s']:.0f}; without the processor "
+              f"{s2['loader_without_processor_samples_per_s']:.0f}]",
+              f"{s2['loader_over_training']:.1f}x [{s2['loader_over_training_aggregate']:.1f}x]"]]))
+    mach = result["machine_limit"]
+    out.append("\n### 6. Machine limit and achieved rate")
+    rows = [[f"fp32 matmul {m['n']}² ({when})", f"{m['median_gflops']:.1f} ± {m['iqr_gflops']:.1f}"]
+            for when in ("start", "end") for m in mach[when]]
+    rows += [[f"ours predict_action {s['setting']}",
+              f"{s['achieved_gflops']['ours_predict_action']:.2f} ({100 * s['achieved_gflops']['ours_predict_action'] / mach['peak_gflops']:.1f}% of peak)"]
+             for s in settings]
+    rows += [[f"PI0 sample_actions {s['setting']}",
+              f"{s['achieved_gflops']['pi0_sample_actions']:.2f} ({100 * s['achieved_gflops']['pi0_sample_actions'] / mach['peak_gflops']:.1f}% of peak)"]
+             for s in settings]
+    if tr:
+        for k in ("stage1", "stage2"):
+            rows.append([f"{k} fwd+bwd ({tr[k]['preset']})",
+                         f"{tr[k]['achieved_gflops']:.2f} ({100 * tr[k]['achieved_gflops'] / mach['peak_gflops']:.1f}% of peak)"])
+    out.append(md_table(["measure", "GFLOP/s"], rows))
+    out.append("\n### Goals")
+    out += [f"{'PASS' if g['pass'] else 'FAIL'}: {g['goal']}: {g['value']}" for g in result["goals"]]
+    return "\n".join(out)
+
+
+def goals_cpu(result) -> list[dict]:
+    goals = []
+    for s in result["settings"]:
+        r = s["ratio_pipeline_vs_pi0_end_to_end"]["median"]
+        goals.append({"goal": f"pipeline latency <= {GOAL_PI0_RATIO}x PI0 at matched size [{s['setting']}]",
+                      "value": f"{r:.2f}x end to end (model only {s['ratio_model_vs_pi0_model']['median']:.2f}x)",
+                      "measured": r, "pass": r <= GOAL_PI0_RATIO})
+    for s in result["settings"]:
+        f = s["breakdown_share_of_pipeline"]["flow_steps"]
+        goals.append({"goal": f"flow steps <= {GOAL_FLOW_SHARE:.0%} of pipeline latency [{s['setting']}]",
+                      "value": f"{100 * f:.1f}% (within-call {100 * s['flow_share_within_call']:.1f}%)",
+                      "measured": f, "pass": f <= GOAL_FLOW_SHARE})
+    tr = result.get("training")
+    if tr:
+        for name, r in (("inference (pipeline)", tr["history_token_inference"]["ratio_pipeline_on_off"]),
+                        ("inference (predict_action)", tr["history_token_inference"]["ratio_model_on_off"]),
+                        ("training step", tr["history_token_training"]["ratio_on_off"])):
+            goals.append({"goal": f"history token overhead <= {GOAL_HISTORY_OVERHEAD:.0%}, {name}",
+                          "value": f"{100 * (r['median'] - 1):+.1f}% (IQR of ratio {r['iqr']:.3f})",
+                          "measured": r["median"] - 1, "pass": r["median"] - 1 <= GOAL_HISTORY_OVERHEAD})
+        for k in ("stage1", "stage2"):
+            r = tr[k]["loader_over_training"]
+            goals.append({"goal": f"loader >= {GOAL_LOADER_RATIO:.0f}x training demand, {k}",
+                          "value": f"{r:.1f}x", "measured": r, "pass": r >= GOAL_LOADER_RATIO})
+    return goals
+
+
+def machine_info(threads=None) -> dict:
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(), "requested_threads": threads,
+            "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__, "load_average_start": load_average()}
+
+
+def run_cpu(args) -> dict:
+    import torch
+    from flops import matmul_gflops
+
+    t_start = time.perf_counter()
+    result = {"command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "quick": args.quick,
+              "machine": machine_info(args.threads), "reps": args.reps, "warmup": args.warmup}
+    print(f"threads: torch {torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op; "
+          f"load average {load_average()}", flush=True)
+    mm_start = [matmul_gflops(n) for n in (512, 1024)]
+    with tempfile.TemporaryDirectory(prefix="actprior-speed-") as tmp:
+        result["settings"] = [run_setting(args, p, s, c, tmp) for p in args.presets for s in args.image_sizes
+                              for c in args.chunks] if "latency" in args.sections else []
+        if "training" in args.sections:
+            result["training"] = training_sections(args, tmp)
+    mm_end = [matmul_gflops(n) for n in (512, 1024)]
+    peak = max(m["median_gflops"] for m in mm_start + mm_end)
+    result["machine_limit"] = {"start": mm_start, "end": mm_end, "peak_gflops": peak}
+    result["goals"] = goals_cpu(result)
+    result["machine"]["load_average_end"] = load_average()
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ GPU section
+def run_gpu(args) -> dict:
+    """bf16 Stage-2 training step (LoRA), peak memory, MFU and latency at the ``--gpu-preset`` size, next to PI0."""
+    import torch
+    from flops import count_flops, matmul_gflops, nominal_peak_tflops
+    from transformers import pipeline as hf_pipeline
+
+    import modeling_actprior as ap
+
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("speed.py --gpu-7b: torch sees no CUDA device (torch.cuda.is_available() is False).")
+    dtype = getattr(torch, args.gpu_dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else None
+    t_start = time.perf_counter()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    result = {"command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "device": name,
+              "dtype": args.gpu_dtype, "preset": args.gpu_preset, "vlm_family": args.vlm_family,
+              "machine": machine_info(args.threads)}
+    print(f"[gpu] device {name}, {args.gpu_dtype}, preset {args.gpu_preset}", flush=True)
+    n_mm = 8192 if dev.type == "cuda" else 512
+    mm = matmul_gflops(n_mm, reps=10, dtype=dtype, device=dev)
+    nominal = nominal_peak_tflops(name) if dev.type == "cuda" else None
+    result["matmul"] = mm
+    result["nominal_peak_tflops"] = nominal
+
+    # Build directly on the device in the target dtype; image token id 3 so the built-in processor applies.
+    image_token_id = 3
+    cfg = vla_config(args.gpu_preset, args.vlm_family, None, 16, image_token_id=image_token_id, lora_r=args.lora_r)
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            model = ap.VLAWithPriorForAction(cfg)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model.normalizer = make_normalizer(cfg.prior_config.max_action_dim)
+    processor = ap.ActionPriorProcessor.from_config(model.config, model.normalizer, instructions=INSTRUCTIONS)
+    result["build_s"] = round(time.perf_counter() - t0, 1)
+    split = ours_param_split(model)
+    split["trainable"] = model.num_trainable_parameters()
+    result["ours_params"] = split
+    print(f"[gpu] built ours in {result['build_s']} s: {millions(split['total'])} params, "
+          f"{millions(split['trainable'])} trainable", flush=True)
+
+    # ---------------------------------------------------------------- training step
+    b, img = args.gpu_batch, cfg.vlm_config.vision_config.image_size
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (img, img, 3), dtype=np.uint8) for _ in range(b)]
+    f = processor(images=images, text=[INSTRUCTIONS[i % 3] for i in range(b)])
+    pc = cfg.prior_config
+    batch = {"input_ids": f["input_ids"].to(dev), "attention_mask": f["attention_mask"].to(dev),
+             "pixel_values": f["pixel_values"].to(dev, dtype),
+             "history": torch.randn(b, pc.history_length, D_MAX, device=dev),
+             "history_mask": torch.ones(b, pc.history_length, dtype=torch.bool, device=dev),
+             "actions": torch.randn(b, pc.chunk_size, D_MAX, device=dev),
+             "action_mask": torch.ones(b, pc.chunk_size, dtype=torch.bool, device=dev),
+             "dim_mask": torch.ones(b, D_MAX, dtype=torch.bool, device=dev)}
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    reps = 10 if dev.type == "cuda" else 3
+    t = interleave({"train_step": step}, reps, 0, sync)
+    step_s = summarize(t["train_step"])["median_ms"] / 1e3
+    flops, _ = count_flops(lambda: model(**batch).loss.backward())
+    opt.zero_grad(set_to_none=True)
+    achieved = flops / step_s / 1e12
+    result["training"] = {
+        "batch_size": b, "prefix_tokens": int(batch["input_ids"].shape[1]) + 2, "lora_r": args.lora_r,
+        "step": summarize(t["train_step"]), "samples_per_s": round(b / step_s, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
+        "fwd_bwd_flops": flops, "achieved_tflops": round(achieved, 2),
+        "mfu_vs_measured_matmul": round(achieved / (mm["median_gflops"] / 1e3), 4),
+        "mfu_vs_nominal": round(achieved / nominal, 4) if nominal else None,
+    }
+    print(f"[gpu] train step {result['training']['step']['median_ms']:.1f} ms, "
+          f"{achieved:.1f} TFLOP/s", flush=True)
+    opt.state.clear()
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- inference, and PI0 at a matching size
+    model.eval()
+    robot = hf_pipeline("robot-action", model=model, processor=processor, device=dev)
+    split = ours_param_split(model)
+    sizing = size_pi0_expert(args.gpu_preset, None, pc.chunk_size, split["active_inference"], image_token_id)
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            pi0 = build_pi0(args.gpu_preset, None, pc.chunk_size, sizing, image_token_id=image_token_id)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    result["pi0_params"] = pi0_param_split(pi0)
+    result["pi0_expert_sizing"] = sizing
+    image, history = images[0], rng.normal(size=(pc.history_length, 7)).astype(np.float32)
+    f1 = robot.preprocess({"images": image, "instruction": INSTRUCTIONS[0], "history": history,
+                           "embodiment": EMBODIMENT, "state": None}, seed=0)
+    inputs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in f1.items()
+              if k not in ("embodiments", "batched")}
+    p1 = processor(images=[image], text=[INSTRUCTIONS[0]])
+    pi0_inputs = {"input_ids": p1["input_ids"].to(dev), "attention_mask": p1["attention_mask"].to(dev),
+                  "pixel_values": p1["pixel_values"][:, None].to(dev, dtype),
+                  "pixel_attention_mask": torch.ones(1, 1, dtype=torch.bool, device=dev),
+                  "state": torch.zeros(1, D_MAX, device=dev, dtype=dtype),
+                  "noise": torch.randn(1, pc.chunk_size, D_MAX, device=dev, dtype=dtype)}
+    norm = model.normalizer
+
+    @torch.no_grad()
+    def pi0_end_to_end():
+        p = processor(images=[image], text=[INSTRUCTIONS[0]])
+        out = pi0.sample_actions(input_ids=p["input_ids"].to(dev), attention_mask=p["attention_mask"].to(dev),
+                                 pixel_values=p["pixel_values"][:, None].to(dev, dtype),
+                                 pixel_attention_mask=pi0_inputs["pixel_attention_mask"], state=pi0_inputs["state"],
+                                 noise=torch.randn(1, pc.chunk_size, D_MAX, dtype=dtype).to(dev), num_steps=FLOW_STEPS)
+        return norm.unnormalize(out[0, :, :7].float().cpu(), EMBODIMENT).numpy()
+
+    @torch.no_grad()
+    def encode():
+        return model.encode(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"], inputs["history"],
+                            inputs["history_mask"], inputs["dim_mask"])
+
+    z = encode()[0]
+    fns = {
+        "ours_pipeline": lambda: robot(image, instruction=INSTRUCTIONS[0], history=history, embodiment=EMBODIMENT,
+                                       seed=0, num_inference_steps=FLOW_STEPS),
+        "ours_predict_action": lambda: model.predict_action(**inputs, num_inference_steps=FLOW_STEPS),
+        "ours_vlm_prefix": encode,
+        "ours_flow_steps": lambda: model.sample_actions(z, inputs["dim_mask"], FLOW_STEPS, noise=inputs["noise"]),
+        "pi0_end_to_end": pi0_end_to_end,
+        "pi0_sample_actions": lambda: pi0.sample_actions(**pi0_inputs, num_steps=FLOW_STEPS),
+    }
+    reps = 20 if dev.type == "cuda" else 3
+    t = interleave(fns, reps, 2, sync)
+    pred_flops, _ = count_flops(fns["ours_predict_action"])
+    pi0_flops, _ = count_flops(fns["pi0_sample_actions"])
+    lat = {k: summarize(v) for k, v in t.items()}
+    result["inference"] = {
+        "batch_size": 1, "flow_steps": FLOW_STEPS, "latency": lat,
+        "ratio_pipeline_vs_pi0_end_to_end": paired_ratio(t["ours_pipeline"], t["pi0_end_to_end"]),
+        "ratio_predict_vs_pi0_sample_actions": paired_ratio(t["ours_predict_action"], t["pi0_sample_actions"]),
+        "flow_share_of_pipeline": round(lat["ours_flow_steps"]["median_ms"] / lat["ours_pipeline"]["median_ms"], 4),
+        "flops": {"ours_predict_action": pred_flops, "pi0_sample_actions": pi0_flops},
+    }
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    return result
+
+
+def report_gpu(r) -> str:
+    tr, inf = r["training"], r["inference"]
+    lines = [f"### GPU: {r['device']}, {r['dtype']}, preset {r['preset']} ({r['vlm_family']}), LoRA r={tr['lora_r']}",
+             md_table(["measure", "value"], [
+                 ["params ours total / trainable", f"{millions(r['ours_params']['total'])} / "
+                                                   f"{millions(r['ours_params']['trainable'])}"],
+                 ["params PI0 active (expert width/ffn)", f"{millions(r['pi0_params']['active_inference'])} "
+                  f"({r['pi0_expert_sizing']['expert_hidden']}/{r['pi0_expert_sizing']['expert_ffn']}, "
+                  f"{100 * r['pi0_expert_sizing']['mismatch']:+.1f}%)"],
+                 [f"matmul {r['matmul']['n']}² {r['dtype']}", f"{r['matmul']['median_gflops'] / 1e3:.1f} TFLOP/s"],
+                 [f"Stage-2 train step, batch {tr['batch_size']} (ms)", fmt(tr["step"])],
+                 ["samples/s", tr["samples_per_s"]],
+                 ["peak memory (GiB)", tr["peak_memory_gib"]],
+                 ["achieved TFLOP/s (fwd+bwd FLOPs / step)", tr["achieved_tflops"]],
+                 ["MFU vs measured matmul / vs nominal", f"{tr['mfu_vs_measured_matmul']:.3f} / {tr['mfu_vs_nominal']}"],
+                 *[[f"latency {k} (ms)", fmt(v)] for k, v in inf["latency"].items()],
+                 ["ours pipeline / PI0 end-to-end", fmt_ratio(inf["ratio_pipeline_vs_pi0_end_to_end"])],
+                 ["ours predict_action / PI0 sample_actions", fmt_ratio(inf["ratio_predict_vs_pi0_sample_actions"])],
+                 ["flow steps share of pipeline", f"{100 * inf['flow_share_of_pipeline']:.1f}%"],
+             ])]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.gpu_7b:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    import transformers
+
+    import modeling_actprior  # noqa: F401  (registers the Auto classes and the robot-action task)
+
+    transformers.logging.set_verbosity_error()
+    if args.gpu_7b:
+        result = run_gpu(args)
+        text = report_gpu(result)
+    else:
+        result = run_cpu(args)
+        text = report_cpu(result)
+    print("\n" + text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.out} ({result['wall_s']} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
