@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -28,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+logger = logging.getLogger("actprior.training")
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -171,6 +174,15 @@ def _fsync_tree(path: str) -> None:
             os.close(fd)
 
 
+def _discard(checkpoint: str) -> None:
+    """Delete a checkpoint folder so that no half-deleted one is ever visible: rename it out of sight first
+    (atomic), then remove it. A kill during the removal leaves only a ``.trash-*`` folder, swept later."""
+    parent, name = os.path.split(checkpoint.rstrip(os.sep))
+    trash = os.path.join(parent, f".trash-{name}-{os.getpid()}")
+    os.replace(checkpoint, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict[str, Any], keep_last: int = 3) -> str:
     """Atomically write ``checkpoints/step-XXXXXX`` (call on every rank; rank 0 renames and prunes)."""
     root = os.path.join(output_dir, CHECKPOINT_DIR)
@@ -178,8 +190,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
     if accelerator.is_main_process:
         os.makedirs(root, exist_ok=True)
-        for stale in os.listdir(root):  # left by a run killed while writing
-            if stale.startswith(".tmp-step-"):
+        for stale in os.listdir(root):  # left by a run killed while writing or deleting
+            if stale.startswith((".tmp-step-", ".trash-")):
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp, safe_serialization=True)
@@ -189,7 +201,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
             json.dump({**trainer_state, "step": step}, f, indent=2)
         _fsync_tree(tmp)
         if os.path.isdir(final):
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         fd = os.open(root, os.O_RDONLY)
         try:
@@ -197,9 +209,36 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
         finally:
             os.close(fd)
         for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def start_or_resume(accelerator, output_dir: str, resume_from: str | None, overwrite: bool) -> tuple[int, list]:
+    """Resume from ``resume_from`` ("latest" or a folder) and return ``(step, history)``; or start at step 0.
+
+    Starting afresh in a folder that holds an earlier run's checkpoints is refused unless ``overwrite`` (then
+    they are deleted), so two runs never mix. Call on every rank, after ``accelerator.prepare`` and after
+    registering every object whose state the checkpoints carry.
+    """
+    resume = resolve_resume(output_dir, resume_from)
+    earlier = list_checkpoints(output_dir)
+    if earlier and not resume:
+        if not overwrite:
+            raise FileExistsError(
+                f"--output_dir {output_dir} already holds checkpoints ({os.path.basename(earlier[-1])}). Resume "
+                "with --resume_from_checkpoint latest, or pass --overwrite_output_dir to start afresh."
+            )
+        if accelerator.is_main_process:
+            for old in earlier:
+                _discard(old)
+        accelerator.wait_for_everyone()
+    if not resume:
+        return 0, []
+    accelerator.load_state(resume)
+    state = load_trainer_state(resume)
+    logger.info("resumed from %s at step %d", resume, state["step"])
+    return state["step"], state.get("history", [])
 
 
 def load_trainer_state(checkpoint: str) -> dict[str, Any]:

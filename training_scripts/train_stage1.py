@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -49,16 +48,14 @@ from modeling_actprior.training import (
     endless_batches,
     fixed_val_batches,
     jsonable,
-    list_checkpoints,
-    load_trainer_state,
     markdown_table,
     model_card_template,
     parse_dataset_specs,
     parse_with_yaml,
     plot_curves,
     ranks_agree,
-    resolve_resume,
     save_checkpoint,
+    start_or_resume,
     to_device,
     validation_loss,
 )
@@ -175,24 +172,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # Stepped once per optimizer step by us (not by accelerate, which would step it once per process).
     accelerator.register_for_checkpointing(lr_scheduler)
 
-    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    earlier = list_checkpoints(args.output_dir)
-    if earlier and not resume:
-        if not args.overwrite_output_dir:
-            raise FileExistsError(
-                f"--output_dir {args.output_dir} already holds checkpoints ({os.path.basename(earlier[-1])}). Resume "
-                "with --resume_from_checkpoint latest, or pass --overwrite_output_dir to start afresh."
-            )
-        if accelerator.is_main_process:
-            for old in earlier:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-    step, history = 0, []
-    if resume:
-        accelerator.load_state(resume)
-        state = load_trainer_state(resume)
-        step, history = state["step"], state.get("history", [])
-        logger.info("resumed from %s at step %d", resume, step)
+    step, history = start_or_resume(accelerator, args.output_dir, args.resume_from_checkpoint,
+                                    args.overwrite_output_dir)
 
     consumed = step * args.gradient_accumulation_steps * per_step
     batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
