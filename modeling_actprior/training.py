@@ -59,6 +59,35 @@ def parse_with_yaml(parser: argparse.ArgumentParser, argv: Sequence[str] | None 
     return parser.parse_args(argv)
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, *, batch_size: int, learning_rate: float,
+                           warmup_steps: int, eval_windows: int, val_loss: str) -> None:
+    """The options both training stages share: resume/overwrite, optimization, precision, evaluation and
+    checkpoint intervals, logging. Stage-specific defaults are passed in."""
+    p = parser
+    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start afresh even if --output_dir holds checkpoints of an earlier run (they are deleted)")
+    p.add_argument("--batch_size", type=int, default=batch_size, help="windows per process per optimizer step")
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    p.add_argument("--warmup_steps", type=int, default=warmup_steps)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="default: what `accelerate config` says (fp32 is fastest on CPU)")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out, per dataset")
+    p.add_argument("--eval_every", type=int, default=250, help=f"validation {val_loss} every N steps (0: off)")
+    p.add_argument("--checkpoint_every", type=int, default=500, help="save a resumable checkpoint every N steps")
+    p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
+    p.add_argument("--eval_windows", type=int, default=eval_windows,
+                   help="held-out windows per embodiment in the final evaluation")
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (accelerate trackers)")
+    p.add_argument("--no_progress", action="store_true")
+
+
 def add_config_field_arguments(parser: argparse.ArgumentParser, config_cls, group_title: str) -> list[str]:
     """One ``--<field>`` option per field of a dataclass-style transformers config (default: keep the preset's)."""
     group = parser.add_argument_group(group_title)

@@ -43,6 +43,7 @@ from modeling_actprior.evaluation import evaluate_prior, mean_chunk
 from modeling_actprior.training import (
     PreemptionGuard,
     add_config_field_arguments,
+    add_training_arguments,
     check_output_dir_writable,
     close_distributed,
     endless_batches,
@@ -72,28 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model_preset", choices=sorted(ap.ACTPRIOR_PRESETS), default="small")
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start afresh even if --output_dir holds checkpoints of an earlier run (they are deleted)")
-    p.add_argument("--batch_size", type=int, default=64, help="windows per process per optimizer step")
-    p.add_argument("--learning_rate", type=float, default=3e-4)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"])
-    p.add_argument("--warmup_steps", type=int, default=100)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
-                   help="default: what `accelerate config` says (fp32 on CPU is fastest here)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out, per dataset")
-    p.add_argument("--eval_every", type=int, default=250, help="validation flow loss every N steps (0: off)")
-    p.add_argument("--checkpoint_every", type=int, default=500, help="save a resumable checkpoint every N steps")
-    p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
-    p.add_argument("--eval_windows", type=int, default=1024, help="held-out windows per embodiment in the final evaluation")
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (accelerate trackers)")
+    add_training_arguments(p, batch_size=64, learning_rate=3e-4, warmup_steps=100, eval_windows=1024,
+                           val_loss="flow loss")
     p.add_argument("--normalization", choices=["quantile", "mean_std"], default="quantile")
-    p.add_argument("--no_progress", action="store_true")
     add_config_field_arguments(p, ap.ActionPriorConfig, "model config overrides (default: the preset's value)")
     return p
 

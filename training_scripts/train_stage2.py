@@ -52,6 +52,7 @@ from modeling_actprior.evaluation import repeat_last_action
 from modeling_actprior.training import (
     PreemptionGuard,
     add_config_field_arguments,
+    add_training_arguments,
     check_output_dir_writable,
     close_distributed,
     endless_batches,
@@ -87,27 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=sorted(VLA_BASELINES), default=None,
                    help="a named set of the switches below (explicit switches override it)")
     p.add_argument("--camera", default=None, help="camera the VLM sees (default: the dataset's first camera)")
-    p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="start afresh even if --output_dir holds checkpoints of an earlier run (they are deleted)")
-    p.add_argument("--batch_size", type=int, default=8, help="windows per process per optimizer step")
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
-    p.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"])
-    p.add_argument("--warmup_steps", type=int, default=50)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
-                   help="default: what `accelerate config` says")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out, per dataset")
-    p.add_argument("--eval_every", type=int, default=250, help="validation BC loss every N steps (0: off)")
-    p.add_argument("--checkpoint_every", type=int, default=500, help="save a resumable checkpoint every N steps")
-    p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
-    p.add_argument("--eval_windows", type=int, default=256, help="held-out windows per embodiment in the final evaluation")
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (accelerate trackers)")
-    p.add_argument("--no_progress", action="store_true")
+    add_training_arguments(p, batch_size=8, learning_rate=1e-4, warmup_steps=50, eval_windows=256, val_loss="BC loss")
     add_config_field_arguments(p, ap.VLAWithPriorConfig, "model config overrides (default: the preset's / baseline's value)")
     return p
 
