@@ -14,6 +14,8 @@ COMMANDS = {
     "info": ("modeling_actprior.cli", "summarize a dataset folder or a checkpoint"),
     "evaluate": ("modeling_actprior.rollout", "closed-loop success rate of a VLA checkpoint in a simulator"),
     "push": ("modeling_actprior.hub", "publish a checkpoint (and its dataset) to the Hugging Face Hub with cards"),
+    "viz-latents": ("modeling_actprior.viz", "plot how the VLA's latents align with the prior's, per task, embodiment "
+                    "and checkpoint"),
 }
 
 
