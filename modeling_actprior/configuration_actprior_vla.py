@@ -99,6 +99,10 @@ class VLAWithPriorConfig(PreTrainedConfig):
             The Stage-1 prior whose encoder and decoder this model carries; ``from_prior`` copies it.
         history_token (`bool`, defaults to True):
             Feed the encoder's latent mean of the past ``K`` actions to the VLM as exactly one token.
+        history_dropout (`float`, defaults to 0.0):
+            Training only: the share of samples whose history token is hidden from the VLM (attention-masked), so
+            the policy cannot lean on its own past actions alone ("copycat" behaviour in closed loop) and must read
+            the observation too. Inference always shows the token.
         freeze_history_encoder (`bool`, defaults to True):
             Keep the history-token encoder at the prior's weights (only its projection trains).
         use_prior_decoder (`bool`, defaults to True):
@@ -146,6 +150,7 @@ class VLAWithPriorConfig(PreTrainedConfig):
     vlm_config: dict | PreTrainedConfig | None = None
     prior_config: dict | PreTrainedConfig | None = None
     history_token: bool = True
+    history_dropout: float = 0.0
     freeze_history_encoder: bool = True
     use_prior_decoder: bool = True
     distill_weight: float = 1.0
@@ -187,6 +192,8 @@ class VLAWithPriorConfig(PreTrainedConfig):
                               ("vision_mode", VISION_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"VLAWithPriorConfig.{name} must be one of {allowed}; got {getattr(self, name)!r}.")
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ValueError(f"VLAWithPriorConfig.history_dropout must be in [0, 1); got {self.history_dropout}.")
         if self.lora_r < 0 or self.action_head_lr_multiplier < 0 or self.max_text_length <= 0:
             raise ValueError(
                 "VLAWithPriorConfig needs lora_r >= 0, action_head_lr_multiplier >= 0 and max_text_length > 0; got "

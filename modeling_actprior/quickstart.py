@@ -1,99 +1,98 @@
 """``actprior quickstart``: the main job, end to end on data generated on this machine.
 
 1. Generate a cross-embodiment Stage-1 corpus with the scripted experts (state and action only): Meta-World
-   tasks outside MT10 (MT10 stays unseen for later VLA evaluation), pybullet arms in joint space, robosuite
-   arms with OSC_POSE deltas.
-2. Train the Stage-1 action prior on it with ``training_scripts/train_stage1.py``.
-3. Evaluate on held-out episodes against "repeat the last action" and "the embodiment's mean chunk", and
-   write ``report.md`` with the tables and plots of this run.
+   tasks outside MT10 (MT10 stays unseen for the VLA evaluation), pybullet arms in joint space, robosuite arms with
+   OSC_POSE deltas; and Meta-World MT10 demonstrations with a 64 px camera and the task's instruction.
+2. Train the Stage-1 action prior (``training_scripts/train_stage1.py``) and evaluate it on held-out episodes
+   against "repeat the last action" and "the embodiment's mean chunk".
+3. Train the VLA twice for the same budget, from scratch and with the prior (decoder reuse, early latent
+   distillation, history token), in parallel (``training_scripts/train_stage2.py``).
+4. Roll both out in closed loop in Meta-World at each checkpoint (evaluation seeds the demonstrations never used),
+   and draw how the VLA's latents align with the prior's (``actprior viz-latents``).
+5. Write ``report.md`` with the tables and plots of this run.
 
-Every step is skipped when its output already exists (rerun after an interruption to continue;
-``--fresh`` starts over). Defaults fit a 2-core CPU in about ten minutes.
+This is the prior-vs-scratch study (``modeling_actprior/study.py``) at its smallest budget; every step is skipped
+when its output already exists (rerun after an interruption to continue; ``--fresh`` starts over). Defaults fit a
+2-core CPU in about fifteen minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import time
 
-# Meta-World tasks for the Stage-1 corpus: outside MT10, so MT10 stays unseen by the prior.
-STAGE1_METAWORLD_TASKS = (
-    "assembly-v3", "basketball-v3", "box-close-v3", "button-press-v3", "coffee-push-v3", "dial-turn-v3",
-    "door-close-v3", "faucet-open-v3", "hammer-v3", "handle-press-v3", "lever-pull-v3", "plate-slide-v3",
-    "push-back-v3", "reach-wall-v3", "sweep-v3", "soccer-v3",
-)
-STAGE1_ROBOSUITE_ROBOTS = ("panda", "ur5e", "kinova3")
-STAGE1_ROBOSUITE_TASKS = ("Lift", "Stack")
-
 
 def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    from modeling_actprior.study import BUDGETS
+
+    b = BUDGETS["quickstart"]
     parser.add_argument("--out", default="runs/quickstart", help="folder for data, checkpoints and the report")
-    parser.add_argument("--metaworld-episodes", type=int, default=10, help="episodes per Meta-World task")
-    parser.add_argument("--pybullet-episodes", type=int, default=20, help="episodes per pybullet task and arm")
-    parser.add_argument("--robosuite-episodes", type=int, default=10, help="episodes per robosuite task and arm")
-    parser.add_argument("--stage1-steps", type=int, default=2500)
-    parser.add_argument("--stage1-preset", default="small", choices=["tiny", "small", "base"])
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--stage1-episodes", type=int, default=b.stage1_sizes[0],
+                        help="Stage-1 corpus: episodes per task and robot")
+    parser.add_argument("--tasks", default=",".join(b.tasks), help="Meta-World MT10 tasks the VLA learns")
+    parser.add_argument("--demos", type=int, default=b.demos[0], help="demonstrations per task")
+    parser.add_argument("--stage1-steps", type=int, default=b.stage1_steps)
+    parser.add_argument("--stage1-preset", default=b.stage1_preset, choices=["tiny", "small", "base"])
+    parser.add_argument("--batch-size", type=int, default=b.stage1_batch_size, help="Stage-1 batch size")
+    parser.add_argument("--stage2-steps", type=int, default=b.stage2_steps)
+    parser.add_argument("--stage2-preset", default=b.stage2_preset, choices=["tiny", "small"])
+    parser.add_argument("--eval-every", type=int, default=b.eval_every, help="closed-loop evaluation every N steps")
+    parser.add_argument("--eval-episodes", type=int, default=b.eval_episodes, help="closed-loop episodes per task")
     parser.add_argument("--workers", type=int, default=2, help="simulator processes")
+    parser.add_argument("--jobs", type=int, default=None, help="training runs in parallel (default: CPU cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="delete --out first and start over")
 
 
-def _generate(out: str, args) -> list:
-    from modeling_actprior.sim.generate import generate
+def quickstart_budget(args: argparse.Namespace):
+    from modeling_actprior.study import BUDGETS, MT10
 
-    plan = [
-        ("metaworld", dict(episodes=args.metaworld_episodes, tasks=STAGE1_METAWORLD_TASKS)),
-        ("pybullet", dict(episodes=args.pybullet_episodes)),
-        ("robosuite", dict(episodes=args.robosuite_episodes, robots=STAGE1_ROBOSUITE_ROBOTS,
-                           tasks=STAGE1_ROBOSUITE_TASKS)),
-    ]
-    roots = []
-    for sim, kw in plan:
-        target = os.path.join(out, sim)
-        if os.path.isdir(target):
-            print(f"[quickstart] {sim}: using the corpus already in {target}")
-            roots.append(target)
-            continue
-        print(f"[quickstart] {sim}: generating expert episodes")
-        generate(sim, target, workers=args.workers, seed=args.seed, **kw)
-        roots.append(target)
-    return roots
+    tasks = tuple(t for t in args.tasks.split(",") if t)
+    unknown = sorted(set(tasks) - set(MT10))
+    if unknown:
+        raise ValueError(f"--tasks must be Meta-World MT10 tasks (the prior never saw them); got {unknown}. "
+                         f"MT10: {', '.join(MT10)}.")
+    return dataclasses.replace(
+        BUDGETS["quickstart"], tasks=tasks, demos=(args.demos,), seeds=(args.seed,),
+        stage1_sizes=(args.stage1_episodes,), stage1_steps=args.stage1_steps, stage1_preset=args.stage1_preset,
+        stage1_batch_size=args.batch_size, stage2_steps=args.stage2_steps, stage2_preset=args.stage2_preset,
+        eval_every=args.eval_every, eval_episodes=args.eval_episodes,
+        distill_hold_steps=min(BUDGETS["quickstart"].distill_hold_steps, max(1, args.stage2_steps // 5)),
+        distill_decay_steps=min(BUDGETS["quickstart"].distill_decay_steps, max(1, args.stage2_steps * 2 // 5)),
+    )
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
+    from modeling_actprior.study import prior_dir, run_study, stage2_name, write_figures
+
     out = os.path.abspath(args.out)
     if args.fresh and os.path.isdir(out):
         shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
+    budget = quickstart_budget(args)
     t0 = time.time()
-    timings = {}
+    summary = run_study(out, budget, jobs=args.jobs, workers=args.workers, seed=args.seed)
+    figures = write_figures(out, summary)
+    latents = None
+    full = os.path.join(out, "stage2", stage2_name(budget.demos[0], "full", budget.stage1_sizes[0], args.seed,
+                                                   budget.stage1_sizes[0]))
+    if os.path.isdir(os.path.join(full, "final")):
+        from modeling_actprior.viz import visualize_latents
 
-    corpus = _generate(os.path.join(out, "data", "stage1"), args)
-    timings["generate_s"] = time.time() - t0
-
-    stage1_dir = os.path.join(out, "stage1")
-    final = os.path.join(stage1_dir, "final")
-    if not os.path.isfile(os.path.join(final, "eval_results.json")):
-        train_stage1 = _training_script("train_stage1")
-        t1 = time.time()
-        argv = ["--dataset", *corpus, "--output_dir", stage1_dir, "--max_steps", str(args.stage1_steps),
-                "--model_preset", args.stage1_preset, "--batch_size", str(args.batch_size), "--seed", str(args.seed),
-                "--learning_rate", "1e-3", "--eval_every", "250", "--checkpoint_every", "500", "--log_every", "50"]
-        argv += ["--resume_from_checkpoint", "latest"]  # continues an interrupted quickstart; fresh otherwise
-        print("[quickstart] stage 1: training the action prior")
-        train_stage1.main(argv)
-        timings["stage1_s"] = time.time() - t1
-    else:
-        print(f"[quickstart] stage 1: using the trained prior in {final}")
-
-    report = write_report(out, final, timings)
+        latents_dir = os.path.join(out, "latents")
+        if not os.path.isfile(os.path.join(latents_dir, "latent_alignment.json")):
+            print("[quickstart] drawing the latent alignment of the VLA trained with the prior")
+            visualize_latents(full, [os.path.join(out, "data", "demos")], latents_dir, num_windows=96, progress=False)
+        latents = latents_dir
+    timings = dict(summary.get("timings", {}), total_s=time.time() - t0)
+    report = write_report(out, os.path.join(prior_dir(out, budget, budget.stage1_sizes[0]), "final"), timings,
+                          summary=summary, figures=figures, latents=latents)
     print(f"[quickstart] done in {time.time() - t0:.0f} s; report: {report}")
-    return 0
+    return 1 if summary.get("failed_jobs") else 0
 
 
 def _training_script(name: str):
@@ -136,7 +135,10 @@ def plot_stage1_errors(evaluation: dict, path: str) -> str:
     return path
 
 
-def write_report(out: str, final: str, timings: dict) -> str:
+def write_report(out: str, final: str, timings: dict, summary: dict | None = None, figures: dict | None = None,
+                 latents: str | None = None) -> str:
+    """``out/report.md``: the Stage-1 corpus and prior evaluation, then (with ``summary``) the VLA trained from
+    scratch vs with the prior in closed loop, and (with ``latents``) the latent alignment; all from this run."""
     from modeling_actprior.training import markdown_table
 
     with open(os.path.join(final, "eval_results.json")) as f:
@@ -151,6 +153,10 @@ def write_report(out: str, final: str, timings: dict) -> str:
         "",
         "Everything below was produced by this run (`actprior quickstart`), on data generated on this machine.",
         "",
+    ]
+    if summary is not None:
+        lines += _stage2_section(out, summary, figures or {}, latents)
+    lines += [
         "## Stage-1 corpus",
         "",
         markdown_table(corpus["datasets"], ["embodiment", "episodes", "frames", "train_episodes", "val_episodes"]),
@@ -169,9 +175,67 @@ def write_report(out: str, final: str, timings: dict) -> str:
         "",
         f"Checkpoint: `{os.path.relpath(final, out)}` (load with `AutoModel.from_pretrained`).",
         "",
-        "Timings: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) if timings else "",
+        "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) if timings else "",
     ]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def _stage2_section(out: str, summary: dict, figures: dict, latents: str | None) -> list[str]:
+    from modeling_actprior.study import VARIANT_LABELS, markdown_summary, stage2_name
+    from modeling_actprior.training import markdown_table
+
+    b = summary["budget"]
+    lines = [
+        "## Stage 2: the VLA from scratch vs with the action prior, in closed loop",
+        "",
+        f"Both VLAs ({b['stage2_preset']} preset) train for {b['stage2_steps']} steps on the same "
+        f"{b['demos'][0]} demonstrations per task, with the same seed, optimizer and data order; the only "
+        "difference is the prior (decoder reuse, early latent distillation, history token). Each checkpoint is "
+        f"rolled out {b['eval_episodes']} times per task in Meta-World on evaluation seeds the demonstrations never "
+        "used. Intervals are 95% Wilson intervals over episodes.",
+        "",
+        markdown_summary(summary),
+    ]
+    for key, title in (("curves", "success vs steps"), ("final", "final success")):
+        if key in figures:
+            lines += [f"![{title}]({os.path.relpath(figures[key], out)})", ""]
+    offline = []
+    for demos, per_variant in summary["demos"].items():
+        for variant, v in per_variant.items():
+            for seed in v["seeds"]:
+                size = b["stage1_sizes"][-1]
+                res = os.path.join(out, "stage2", stage2_name(int(demos), variant, size, seed, size), "final",
+                                   "eval_results.json")
+                if os.path.isfile(res):
+                    with open(res) as f:
+                        ev = json.load(f)["evaluation"]
+                    for emb, r in ev.items():
+                        offline.append({"variant": VARIANT_LABELS.get(variant, variant), "seed": seed,
+                                        "embodiment": emb, "held-out MSE": r["vla_mse"],
+                                        "repeat-last MSE": r["repeat_last_mse"]})
+    if offline:
+        lines += ["Offline, on held-out demonstration episodes (normalized units):", "",
+                  markdown_table(offline, ["variant", "seed", "embodiment", "held-out MSE", "repeat-last MSE"]), ""]
+    if latents:
+        with open(os.path.join(latents, "latent_alignment.json")) as f:
+            lat = json.load(f)
+        fin = lat.get("final", {})
+        rel = os.path.relpath(latents, out)
+        lines += [
+            "### Latent alignment (`actprior viz-latents`)",
+            "",
+            "Cosine similarity between the VLA's latent and the prior's latent of the same held-out window (diagonal) "
+            "and of other windows (off-diagonal), for the VLA trained with the prior"
+            + (f": diagonal {fin['diagonal_mean']:.3f}, off-diagonal {fin['off_diagonal_mean']:.3f} at the end."
+               if "diagonal_mean" in fin else "."),
+            "",
+            f"![cosine matrix]({rel}/cosine_matrix.png)",
+            "",
+        ]
+        if os.path.isfile(os.path.join(latents, "alignment_over_training.png")):
+            lines += [f"![alignment over training]({rel}/alignment_over_training.png)", ""]
+        lines += [f"All of it, with the per-task view: [{rel}/index.html]({rel}/index.html).", ""]
+    return lines

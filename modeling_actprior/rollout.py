@@ -240,7 +240,7 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
              video_format: str = "gif", seed: int = 0, execute_steps: int = DEFAULT_EXECUTE_STEPS,
              max_steps: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE, embodiment: str | None = None,
              robot: str | None = None, num_inference_steps: int | None = None, device: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, robot_pipeline=None) -> dict:
     """Roll ``model`` out on ``tasks`` for ``episodes`` each; write ``out`` (JSON) and a success chart beside it.
 
     Args:
@@ -253,6 +253,8 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
         max_steps: step limit per episode (default: the task's own limit).
         image_size: camera size in pixels; must match the demonstrations the model was trained on.
         embodiment: the robot name the checkpoint knows this arm by (default: the simulator's robot name).
+        robot_pipeline: an already built ``robot-action`` pipeline to roll out instead of loading ``model`` (which
+            then only names it in the results), e.g. a run's intermediate checkpoint loaded in memory.
     Returns:
         The results dict written to ``out``.
     """
@@ -272,8 +274,9 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
     _, tasks, robots = resolve(sim, tasks, [robot] if robot else None)
     robot = robots[0]
     embodiment = embodiment or robot
-    robot_pipeline = pipeline("robot-action", model=model, device=device or ("cuda" if torch.cuda.is_available()
-                                                                           else "cpu"))
+    if robot_pipeline is None:
+        robot_pipeline = pipeline("robot-action", model=model, device=device or ("cuda" if torch.cuda.is_available()
+                                                                               else "cpu"))
     robot_pipeline.normalizer.spec(embodiment)  # fail before any rollout if the checkpoint lacks this robot
 
     bar = None

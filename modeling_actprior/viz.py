@@ -45,6 +45,7 @@ from .data import (
     VLAWindowDataset,
     collate_windows,
     load_lerobot_dataset,
+    select_episodes,
     split_episodes,
 )
 from .modeling_actprior_vla import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES, gaussian_kl_between
@@ -183,10 +184,11 @@ def allocate(sizes: Sequence[int], n: int) -> list[int]:
 
 def held_out_windows(model, processor, dataset_paths: Sequence[str], num_windows: int = 128, seed: int = 0,
                      val_fraction: float = DEFAULT_VAL_FRACTION, split_seed: int = DEFAULT_SPLIT_SEED,
-                     camera: str | None = None, batch_size: int = 16) -> Windows:
+                     camera: str | None = None, batch_size: int = 16, max_episodes_per_task: int = 0) -> Windows:
     """``num_windows`` windows of the held-out episodes of ``dataset_paths``, balanced over (embodiment, task).
 
-    The split is ``split_episodes(num_episodes, val_fraction, split_seed)`` per dataset, as in train_stage2.py;
+    The split is ``split_episodes(num_episodes, val_fraction, split_seed)`` per dataset (restricted to the first
+    ``max_episodes_per_task`` episodes of each task when the run used that option), as in train_stage2.py;
     with no held-out episode (``val_fraction`` 0) all episodes are used and ``held_out`` is False. Windows are
     ``VLAWindowDataset`` samples (history ``K = prior.history_length``, normalized with the model's statistics) of
     ``camera`` (default: the first dataset's first camera). Deterministic in ``seed``.
@@ -205,7 +207,8 @@ def held_out_windows(model, processor, dataset_paths: Sequence[str], num_windows
         if not ds.meta.camera_keys:
             raise ValueError(f"Dataset {ds.root} has no camera images; the VLM's latent needs observations.")
     camera = camera or VLAWindowDataset.camera_name(corpora[0].meta.camera_keys[0])
-    splits = [split_episodes(ds.num_episodes, val_fraction, split_seed)[1] if val_fraction > 0 else []
+    splits = [split_episodes(ds.num_episodes, val_fraction, split_seed,
+                             episodes=select_episodes(ds, max_episodes_per_task))[1] if val_fraction > 0 else []
               for ds in corpora]
     held_out = all(len(v) for v in splits)
     # Window contents as train_stage2.py builds them (no state: the training script feeds none).
@@ -516,7 +519,8 @@ def visualize_latents(model: str, datasets: Sequence[str], out: str, num_windows
     val_fraction = run.train_args.get("val_fraction", DEFAULT_VAL_FRACTION) if val_fraction is None else val_fraction
     split_seed = run.train_args.get("seed", DEFAULT_SPLIT_SEED) if split_seed is None else split_seed
     paths = [p for p, _ in parse_dataset_specs(list(datasets))]
-    windows = held_out_windows(vla, processor, paths, num_windows, seed, val_fraction, split_seed, camera, batch_size)
+    windows = held_out_windows(vla, processor, paths, num_windows, seed, val_fraction, split_seed, camera, batch_size,
+                               int(run.train_args.get("max_episodes_per_task") or 0))
     notes = list(run.notes)
     if not windows.held_out:
         notes.append("Some dataset has no held-out episodes under this split (val_fraction "

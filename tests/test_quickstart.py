@@ -28,13 +28,26 @@ def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     pytest.importorskip("pybullet")
     pytest.importorskip("robosuite")
     out = tmp_path / "qs"
-    assert main(["quickstart", "--out", str(out), "--metaworld-episodes", "1", "--pybullet-episodes", "1",
-                 "--robosuite-episodes", "1", "--stage1-steps", "4", "--stage1-preset", "tiny", "--batch-size", "8"]) == 0
+    small = ["--stage1-episodes", "1", "--stage1-steps", "4", "--stage1-preset", "tiny", "--batch-size", "8",
+             "--tasks", "drawer-close-v3", "--demos", "2", "--stage2-steps", "4", "--eval-every", "2",
+             "--eval-episodes", "1"]
+    assert main(["quickstart", "--out", str(out), *small]) == 0
     report = (out / "report.md").read_text()
     assert "Stage 1: the action prior on held-out episodes" in report and "| sawyer |" in report
-    assert (out / "stage1_errors.png").stat().st_size > 0
+    assert "from scratch vs with the action prior, in closed loop" in report
+    assert "no prior (random action head)" in report and "full method (+ history token)" in report
+    for png in ("stage1_errors.png", "success_vs_steps.png", "final_success.png", "latents/cosine_matrix.png"):
+        assert (out / png).stat().st_size > 0, png
     ev = json.loads((out / "stage1" / "final" / "eval_results.json").read_text())["evaluation"]
     assert {"sawyer", "panda", "kuka_iiwa"} <= set(ev)
+    summary = json.loads((out / "summary.json").read_text())
+    curve = summary["demos"]["2"]["full"]["curve"]
+    assert [c["step"] for c in curve] == [2, 4] and all(c["episodes"] == 1 for c in curve)
     # a rerun reuses everything it already has
-    assert main(["quickstart", "--out", str(out), "--stage1-preset", "tiny"]) == 0
-    assert os.path.isdir(out / "data" / "stage1" / "metaworld")
+    weights = [out / "stage1" / "final" / "model.safetensors",
+               *sorted((out / "stage2").glob("*/final/model.safetensors"))]
+    assert len(weights) == 3
+    mtimes = [w.stat().st_mtime_ns for w in weights]
+    assert main(["quickstart", "--out", str(out), *small]) == 0
+    assert [w.stat().st_mtime_ns for w in weights] == mtimes
+    assert json.loads((out / "summary.json").read_text())["demos"] == summary["demos"]

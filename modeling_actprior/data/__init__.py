@@ -33,6 +33,7 @@ from .windows import (
     VLAWindowDataset,
     collate_windows,
     fit_normalizer,
+    select_episodes,
     split_episodes,
 )
 
@@ -66,6 +67,7 @@ __all__ = [
     "collate_windows",
     "fit_normalizer",
     "load_lerobot_dataset",
+    "select_episodes",
     "split_episodes",
     "write_lerobot_dataset",
 ]

@@ -59,12 +59,42 @@ _STD_EPS = 1e-6
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def split_episodes(num_episodes: int, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+def select_episodes(dataset, max_per_task: int | None) -> list[int] | None:
+    """The first ``max_per_task`` episodes (in episode order) of each task of ``dataset`` (a ``TrajectoryDataset``
+    or ``LeRobotDatasetMeta``), sorted; ``None`` (all episodes) when ``max_per_task`` is None or 0.
+
+    Generators seed episode ``i`` of a task the same way whatever the total, so the first ``n`` episodes of a larger
+    dataset are exactly the dataset generated with ``n``: demonstration- and corpus-size studies use this.
+    """
+    if not max_per_task:
+        return None
+    if max_per_task < 0:
+        raise ValueError(f"max episodes per task must be positive (or 0 for all); got {max_per_task}.")
+    meta = getattr(dataset, "meta", dataset)
+    taken: dict[str, int] = {}
+    chosen = []
+    for ep in range(meta.num_episodes):
+        task = dataset.task(ep) if hasattr(dataset, "task") else meta.episode_task(ep)
+        if taken.get(task, 0) < max_per_task:
+            taken[task] = taken.get(task, 0) + 1
+            chosen.append(ep)
+    return chosen
+
+
+def split_episodes(num_episodes: int, val_fraction: float, seed: int = 0,
+                   episodes: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
     """Split episode indices (never frames) into sorted ``(train, val)`` lists, deterministically.
 
-    ``val`` gets ``round(num_episodes * val_fraction)`` episodes, at least one when ``val_fraction > 0`` and
-    there are two or more episodes, and ``train`` always keeps at least one.
+    ``val`` gets ``round(n * val_fraction)`` episodes, at least one when ``val_fraction > 0`` and there are two or
+    more episodes, and ``train`` always keeps at least one. ``episodes`` restricts the split to that subset of
+    ``range(num_episodes)`` (e.g. from ``select_episodes``); ``n`` is then its size.
     """
+    if episodes is not None:
+        subset = sorted(int(e) for e in episodes)
+        if not subset or subset[0] < 0 or subset[-1] >= num_episodes:
+            raise ValueError(f"episodes must be a non-empty subset of range({num_episodes}); got {subset[:5]}...")
+        train, val = split_episodes(len(subset), val_fraction, seed)
+        return [subset[i] for i in train], [subset[i] for i in val]
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}.")
     if num_episodes <= 0:

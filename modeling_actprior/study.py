@@ -1,0 +1,579 @@
+"""Prior vs scratch: does a Stage-1 action prior make VLA training converge faster and succeed more often?
+
+One experiment, three sizes (``BUDGETS``): the quickstart's (one seed, scratch vs the full method), ``small``
+(every variant, three seeds, three Stage-1 corpus sizes; under an hour on a 2-core CPU) and ``full`` (Meta-World
+MT10, 10 and 50 demonstrations per task; hours, meant for a GPU machine). Every part is a step whose output is kept
+on disk, so an interrupted study resumes where it stopped.
+
+1. **Stage-1 corpus**: scripted experts of all three simulators, actions only: Meta-World tasks *outside* MT10
+   (so no MT10 evaluation scene or task is ever seen by the prior), robosuite arms, pybullet arms.
+2. **Demonstrations**: Meta-World MT10 tasks with one 64 px camera and the task's instruction.
+3. **Priors**: ``train_stage1.py`` on the first ``n`` episodes per task of the corpus, for each size ``n`` of the
+   data-scaling axis (the largest is the prior the variants build on).
+4. **Stage 2**: ``train_stage2.py`` for each variant x demonstrations per task x seed, same VLM, data, step budget
+   and optimizer; checkpoints every ``eval_every`` steps.
+5. **Closed loop**: every checkpoint rolled out in Meta-World on evaluation seeds disjoint from the demonstrations'
+   (``rollout.evaluate``); success per task with 95% Wilson intervals.
+6. **Summary**: success against training steps, final success pooled over seeds (Wilson 95%) and per seed, steps
+   each variant needs to reach the scratch baseline's final success, and downstream success against Stage-1
+   corpus size; JSON, PNG and a markdown table.
+
+Jobs run in parallel processes (``jobs``, one thread each by default), each writing its own log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+
+logger = logging.getLogger("actprior.study")
+
+MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
+        "button-press-topdown-v3", "peg-insert-side-v3", "window-open-v3", "window-close-v3")
+# MT10 tasks a small CPU budget can learn from a handful of demonstrations (fixtures in reach of a 64 px view).
+EASY_MT10 = ("drawer-close-v3", "button-press-topdown-v3", "window-open-v3")
+
+#: The study's variants -> ``VLA_BASELINES`` names of train_stage2.py, in the order they build up the method.
+VARIANTS = {
+    "scratch": "no_prior",
+    "decoder": "decoder_only",
+    "decoder+kd": "no_history_token",
+    "full": "full",
+}
+VARIANT_LABELS = {
+    "scratch": "no prior (random action head)",
+    "decoder": "decoder reuse",
+    "decoder+kd": "decoder reuse + early latent distillation",
+    "full": "full method (+ history token)",
+}
+BASELINE = "scratch"
+
+
+@dataclass
+class Budget:
+    """Everything that sizes a study. Episodes are per task (per arm for robosuite/pybullet)."""
+
+    name: str
+    tasks: tuple[str, ...] = EASY_MT10
+    demos: tuple[int, ...] = (10,)
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    # Stage-1 corpus: the largest size is generated; smaller sizes are its first n episodes per task.
+    stage1_sizes: tuple[int, ...] = (10,)
+    stage1_metaworld_tasks: tuple[str, ...] | None = None  # None: every Meta-World task outside MT10
+    stage1_pybullet: bool = True
+    stage1_robosuite: bool = True
+    stage1_robosuite_robots: tuple[str, ...] = ("panda", "ur5e", "kinova3")
+    stage1_robosuite_tasks: tuple[str, ...] = ("Lift", "Stack")
+    stage1_steps: int = 1500
+    stage1_preset: str = "small"
+    stage1_batch_size: int = 64
+    stage1_learning_rate: float = 1e-3
+    # Stage 2
+    stage2_preset: str = "tiny"
+    stage2_steps: int = 500
+    stage2_batch_size: int = 16
+    stage2_learning_rate: float = 1e-3
+    distill_hold_steps: int = 100
+    distill_decay_steps: int = 200
+    eval_every: int = 250
+    # Closed loop
+    eval_episodes: int = 10
+    eval_max_steps: int = 200
+    image_size: int = 64
+    # The variant also trained on the priors of smaller corpora, for the scaling axis (None: scaling off).
+    scaling_variant: str | None = "full"
+
+    @property
+    def eval_steps(self) -> list[int]:
+        steps = list(range(self.eval_every, self.stage2_steps + 1, self.eval_every)) if self.eval_every else []
+        return steps if steps and steps[-1] == self.stage2_steps else [*steps, self.stage2_steps]
+
+
+BUDGETS = {
+    # actprior quickstart: one seed, scratch vs the full method, a fixed Stage-1 corpus.
+    "quickstart": Budget(
+        name="quickstart", variants=("scratch", "full"), seeds=(0,), stage1_sizes=(6,),
+        stage1_metaworld_tasks=(
+            "assembly-v3", "basketball-v3", "box-close-v3", "button-press-v3", "coffee-push-v3", "dial-turn-v3",
+            "door-close-v3", "faucet-open-v3", "hammer-v3", "handle-press-v3", "lever-pull-v3", "plate-slide-v3",
+            "push-back-v3", "reach-wall-v3", "sweep-v3", "soccer-v3"),
+        stage1_robosuite_robots=("panda", "ur5e"), stage1_robosuite_tasks=("Lift",), stage1_steps=1500,
+        scaling_variant=None,
+    ),
+    # benchmarks/prior_vs_scratch.py --budget small: all variants, 3 seeds, 3 corpus sizes; < 1 h on 2 CPU cores.
+    "small": Budget(name="small", stage1_sizes=(2, 5, 10), stage1_metaworld_tasks=None, stage1_steps=1200,
+                    eval_episodes=8),
+    # The study as specified: MT10, 10 and 50 demonstrations, bigger models and budgets (a GPU machine).
+    "full": Budget(name="full", tasks=MT10, demos=(10, 50), stage1_sizes=(5, 15, 50), stage1_steps=20000,
+                   stage2_preset="small", stage2_steps=5000, stage2_batch_size=32,
+                   stage2_learning_rate=3e-4, distill_hold_steps=500, distill_decay_steps=1000, eval_every=1000,
+                   eval_episodes=20, eval_max_steps=500),
+}
+
+
+@dataclass
+class Job:
+    """One process of the study: its name, command line, the file whose existence means it is done, and its log."""
+
+    name: str
+    argv: list[str]
+    done: str
+    log: str
+    after: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- plan
+def _py() -> str:
+    return sys.executable
+
+
+def _script(name: str) -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.normpath(os.path.join(here, "..", "training_scripts", f"{name}.py"))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: run the study from a clone of the repository installed with "
+                                "`pip install -e .` (see README).")
+    return path
+
+
+def stage1_corpus_plan(budget: Budget) -> list[tuple[str, dict]]:
+    """``[(simulator, generate(...) keyword arguments)]`` of the Stage-1 corpus at its largest size."""
+    from modeling_actprior.sim.metaworld_expert import TASKS as MW_TASKS
+
+    n = max(budget.stage1_sizes)
+    mw = budget.stage1_metaworld_tasks or tuple(t for t in MW_TASKS if t not in MT10)
+    overlap = sorted(set(mw) & set(MT10))
+    if overlap:
+        raise ValueError(f"Stage-1 Meta-World tasks must exclude MT10 (evaluated downstream); got {overlap}.")
+    plan = [("metaworld", dict(episodes=n, tasks=mw))]
+    if budget.stage1_pybullet:
+        plan.append(("pybullet", dict(episodes=n)))
+    if budget.stage1_robosuite:
+        plan.append(("robosuite", dict(episodes=n, robots=budget.stage1_robosuite_robots,
+                                       tasks=budget.stage1_robosuite_tasks)))
+    return plan
+
+
+def generate_data(out: str, budget: Budget, workers: int, seed: int) -> dict[str, list[str]]:
+    """Generate (or reuse) the Stage-1 corpus and the demonstrations; returns their dataset folders."""
+    from modeling_actprior.sim.generate import generate
+
+    data = os.path.join(out, "data")
+    stage1 = {}
+    for sim, kw in stage1_corpus_plan(budget):
+        target = os.path.join(data, "stage1", sim)
+        if not os.path.isdir(target):
+            logger.info("generating the Stage-1 corpus: %s, %s episodes per task", sim, kw["episodes"])
+            generate(sim, target, workers=workers, seed=seed, **kw)
+        else:
+            logger.info("Stage-1 corpus: using %s", target)
+        stage1[sim] = target
+    demos = os.path.join(data, "demos")
+    if not os.path.isdir(demos):
+        logger.info("generating demonstrations: %s, %d per task, %d px images", ",".join(budget.tasks),
+                    max(budget.demos), budget.image_size)
+        generate("metaworld", demos, episodes=max(budget.demos), tasks=budget.tasks, image_size=budget.image_size,
+                 workers=workers, seed=seed)
+    else:
+        logger.info("demonstrations: using %s", demos)
+    return {"stage1": stage1, "demos": demos}
+
+
+def plan_jobs(out: str, budget: Budget, data: dict, threads: int = 1) -> tuple[list[Job], list[Job]]:
+    """The Stage-1 jobs (one prior per corpus size) and the Stage-2 jobs (train + closed loop)."""
+    stage1_jobs, stage2_jobs = [], []
+    largest = max(budget.stage1_sizes)
+    for size in budget.stage1_sizes:
+        run = prior_dir(out, budget, size)
+        # The first `size` episodes of every task of every robot: smaller corpora are subsets of the larger.
+        argv = [_py(), _script("train_stage1"), "--dataset", *data["stage1"].values()]
+        argv += ["--max_episodes_per_task", str(size), "--output_dir", run, "--max_steps", str(budget.stage1_steps),
+                 "--model_preset", budget.stage1_preset, "--batch_size", str(budget.stage1_batch_size),
+                 "--learning_rate", str(budget.stage1_learning_rate), "--eval_every", "250",
+                 "--checkpoint_every", "500", "--log_every", "50", "--no_progress", "--resume_from_checkpoint",
+                 "latest", "--seed", "0"]
+        stage1_jobs.append(Job(f"stage1/size{size}", argv, os.path.join(run, "final", "eval_results.json"),
+                               os.path.join(out, "logs", f"stage1_size{size:03d}.log")))
+    for demos in budget.demos:
+        for variant in budget.variants:
+            sizes = budget.stage1_sizes if variant == budget.scaling_variant else (largest,)
+            for size in sizes:
+                for seed in budget.seeds:
+                    name = stage2_name(demos, variant, size, seed, largest)
+                    run = os.path.join(out, "stage2", name)
+                    prior = os.path.join(prior_dir(out, budget, size), "final")
+                    argv = [_py(), "-m", "modeling_actprior.study", "_stage2_job", "--out", out,
+                            "--budget-json", os.path.join(out, "budget.json"), "--run", run, "--prior", prior,
+                            "--demos", str(demos), "--variant", variant, "--seed", str(seed)]
+                    stage2_jobs.append(Job(f"stage2/{name}", argv, os.path.join(run, "closed_loop.json"),
+                                           os.path.join(out, "logs", f"{name}.log"), after=[f"stage1/size{size}"]))
+    return stage1_jobs, stage2_jobs
+
+
+def prior_dir(out: str, budget: Budget, size: int) -> str:
+    """Run folder of the prior trained on ``size`` episodes per task (``stage1/`` when there is only one size)."""
+    return os.path.join(out, "stage1") if len(budget.stage1_sizes) == 1 else os.path.join(out, "stage1", f"size{size:03d}")
+
+
+def stage2_name(demos: int, variant: str, size: int, seed: int, largest: int) -> str:
+    tag = variant.replace("+", "_")
+    return f"demos{demos:03d}_{tag}" + ("" if size == largest else f"_prior{size:03d}") + f"_seed{seed}"
+
+
+# --------------------------------------------------------------------------------------------- running
+def run_jobs(jobs: Sequence[Job], parallel: int, threads: int, desc: str) -> list[str]:
+    """Run ``jobs`` (skipping those already done) ``parallel`` at a time with ``threads`` torch threads each.
+    Returns the names of failed jobs (their logs say why); a tqdm bar shows progress."""
+    from tqdm.auto import tqdm
+
+    todo = [j for j in jobs if not os.path.isfile(j.done)]
+    if len(todo) < len(jobs):
+        logger.info("%s: %d of %d jobs already done, reusing them", desc, len(jobs) - len(todo), len(jobs))
+    if todo and len(todo) < parallel:  # fewer jobs than slots: give each the idle cores
+        threads = max(threads, (os.cpu_count() or 1) // len(todo))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false"}
+    failed = []
+
+    def one(job: Job) -> tuple[Job, int, float]:
+        os.makedirs(os.path.dirname(job.log), exist_ok=True)
+        t0 = time.time()
+        with open(job.log, "a") as log:
+            log.write(f"$ {' '.join(job.argv)}\n")
+            log.flush()
+            rc = subprocess.call(job.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return job, rc, time.time() - t0
+
+    bar = tqdm(total=len(todo), desc=desc, unit="job")
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        futures = [pool.submit(one, j) for j in todo]
+        for fut in as_completed(futures):
+            job, rc, secs = fut.result()
+            ok = rc == 0 and os.path.isfile(job.done)
+            bar.update(1)
+            bar.write(f"  {'done' if ok else 'FAILED'} {job.name} in {secs:.0f} s" + ("" if ok else f" (log: {job.log})"))
+            if not ok:
+                failed.append(job.name)
+    bar.close()
+    return failed
+
+
+def _stage2_job(args: argparse.Namespace) -> int:
+    """Inside a job process: train one Stage-2 run, then roll out each of its checkpoints."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    with open(args.budget_json) as f:
+        budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
+    from modeling_actprior.quickstart import _training_script
+
+    data = os.path.join(args.out, "data", "demos")
+    final = os.path.join(args.run, "final")
+    if not os.path.isfile(os.path.join(final, "eval_results.json")):
+        argv = ["--dataset", data, "--prior", args.prior, "--output_dir", args.run,
+                "--baseline", VARIANTS[args.variant], "--max_episodes_per_task", str(args.demos),
+                "--model_preset", budget.stage2_preset, "--max_steps", str(budget.stage2_steps),
+                "--batch_size", str(budget.stage2_batch_size), "--learning_rate", str(budget.stage2_learning_rate),
+                "--warmup_steps", str(min(50, budget.stage2_steps // 10)), "--seed", str(args.seed),
+                "--distill_hold_steps", str(budget.distill_hold_steps),
+                "--distill_decay_steps", str(budget.distill_decay_steps),
+                "--checkpoint_every", str(budget.eval_every or budget.stage2_steps),
+                "--keep_last", str(len(budget.eval_steps) + 1), "--eval_every", str(budget.eval_every or 0),
+                "--val_fraction", "0.1", "--log_every", "25", "--no_progress", "--resume_from_checkpoint", "latest"]
+        _training_script("train_stage2").main(argv)
+    closed = evaluate_checkpoints(args.run, budget, seed=args.seed)
+    with open(os.path.join(args.run, "closed_loop.json"), "w") as f:
+        json.dump(closed, f, indent=2)
+    return 0
+
+
+def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0) -> dict:
+    """Closed-loop success of the run's checkpoints at ``budget.eval_steps`` (the last is ``final/``)."""
+    from transformers import pipeline
+
+    from modeling_actprior.rollout import evaluate
+    from modeling_actprior.viz import find_run, load_checkpoint_weights, load_vla
+
+    found = find_run(run)
+    by_step = dict(found.checkpoints)
+    model, processor = load_vla(found.final)
+    out = {"run": run, "steps": []}
+    for step in budget.eval_steps:
+        path = os.path.join(run, f"closed_loop_step{step:06d}.json")
+        if not os.path.isfile(path):
+            if step != budget.stage2_steps:
+                if step not in by_step:
+                    raise FileNotFoundError(f"{run}: no checkpoint of step {step} to evaluate (have {sorted(by_step)}).")
+                load_checkpoint_weights(model, by_step[step])
+            else:
+                model, processor = load_vla(found.final)
+            robot = pipeline("robot-action", model=model, processor=processor, device="cpu")
+            # One evaluation scene set for every run: seeds of the study, not of the training run.
+            evaluate(f"{run}@{step}", sim="metaworld", tasks=budget.tasks, episodes=budget.eval_episodes, out=path,
+                     seed=0, max_steps=budget.eval_max_steps, image_size=budget.image_size, progress=False,
+                     robot_pipeline=robot)
+        with open(path) as f:
+            res = json.load(f)
+        out["steps"].append({"step": step, "successes": res["overall"]["successes"],
+                             "episodes": res["overall"]["episodes"],
+                             "tasks": {t["task"]: [t["successes"], t["episodes"]] for t in res["tasks"]}})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- summary
+def summarize(out: str, budget: Budget) -> dict:
+    """Collect every finished run into curves, final success, steps-to-baseline and the scaling axis."""
+    from modeling_actprior.rollout import wilson_interval
+
+    largest = max(budget.stage1_sizes)
+    summary = {"budget": dataclasses.asdict(budget), "demos": {}, "scaling": {}, "priors": {}}
+    for size in budget.stage1_sizes:
+        path = os.path.join(prior_dir(out, budget, size), "final", "eval_results.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                res = json.load(f)
+            ev = res["evaluation"]
+            summary["priors"][str(size)] = {
+                "episodes_per_task": size,
+                "frames": int(sum(d["frames"] for d in res["corpus"]["datasets"])),
+                "episodes": int(sum(d["episodes"] for d in res["corpus"]["datasets"])),
+                "embodiments": len(ev),
+                "prior_mse": float(np.mean([r["prior_mse"] for r in ev.values()])),
+                "repeat_last_mse": float(np.mean([r["repeat_last_mse"] for r in ev.values()])),
+            }
+
+    def load(demos, variant, size, seed):
+        path = os.path.join(out, "stage2", stage2_name(demos, variant, size, seed, largest), "closed_loop.json")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    for demos in budget.demos:
+        per_variant = {}
+        for variant in budget.variants:
+            runs = {s: load(demos, variant, largest, s) for s in budget.seeds}
+            runs = {s: r for s, r in runs.items() if r}
+            if not runs:
+                continue
+            curve = []
+            for i, step in enumerate(budget.eval_steps):
+                k = sum(r["steps"][i]["successes"] for r in runs.values())
+                n = sum(r["steps"][i]["episodes"] for r in runs.values())
+                rates = [r["steps"][i]["successes"] / r["steps"][i]["episodes"] for r in runs.values()]
+                lo, hi = wilson_interval(k, n)
+                curve.append({"step": step, "successes": k, "episodes": n, "success_rate": k / n if n else 0.0,
+                              "ci95_low": lo, "ci95_high": hi, "seed_rates": rates,
+                              "seed_std": float(np.std(rates, ddof=1)) if len(rates) > 1 else 0.0})
+            tasks = {}
+            for t in budget.tasks:
+                k = sum(r["steps"][-1]["tasks"][t][0] for r in runs.values())
+                n = sum(r["steps"][-1]["tasks"][t][1] for r in runs.values())
+                tasks[t] = {"success_rate": k / n if n else 0.0, "ci95": list(wilson_interval(k, n))}
+            per_variant[variant] = {"seeds": sorted(runs), "curve": curve, "final": curve[-1], "tasks": tasks}
+        base = per_variant.get(BASELINE)
+        for v in per_variant.values():
+            target = base["final"]["success_rate"] if base else None
+            reach = next((c["step"] for c in v["curve"] if target is not None and c["success_rate"] >= target
+                          and c["successes"] > 0), None)
+            v["steps_to_baseline_final"] = reach
+        summary["demos"][str(demos)] = per_variant
+    if budget.scaling_variant:
+        demos = min(budget.demos)
+        for size in budget.stage1_sizes:
+            runs = [load(demos, budget.scaling_variant, size, s) for s in budget.seeds]
+            runs = [r for r in runs if r]
+            if runs:
+                k = sum(r["steps"][-1]["successes"] for r in runs)
+                n = sum(r["steps"][-1]["episodes"] for r in runs)
+                lo, hi = wilson_interval(k, n)
+                summary["scaling"][str(size)] = {"successes": k, "episodes": n, "success_rate": k / n,
+                                                 "ci95_low": lo, "ci95_high": hi, "seeds": len(runs),
+                                                 **summary["priors"].get(str(size), {})}
+    return summary
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(summary: dict, path: str) -> str:
+    """Success rate against Stage-2 steps, one line per variant, pooled Wilson 95% band; a panel per demo count."""
+    plt = _plt()
+    demos = list(summary["demos"])
+    fig, axes = plt.subplots(1, len(demos), figsize=(5.2 * len(demos), 3.6), dpi=110, squeeze=False)
+    for ax, d in zip(axes[0], demos):
+        for variant, v in summary["demos"][d].items():
+            steps = [c["step"] for c in v["curve"]]
+            rate = [c["success_rate"] for c in v["curve"]]
+            line, = ax.plot(steps, rate, marker="o", label=VARIANT_LABELS.get(variant, variant))
+            ax.fill_between(steps, [c["ci95_low"] for c in v["curve"]], [c["ci95_high"] for c in v["curve"]],
+                            color=line.get_color(), alpha=0.12)
+        ax.set_title(f"{d} demonstrations per task")
+        ax.set_xlabel("Stage-2 training step")
+        ax.set_ylabel("closed-loop success (95% CI)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_final(summary: dict, path: str) -> str:
+    """Final success per variant (pooled over seeds and tasks) with Wilson whiskers and each seed's rate as dots."""
+    plt = _plt()
+    demos = list(summary["demos"])
+    fig, axes = plt.subplots(1, len(demos), figsize=(4.8 * len(demos), 3.6), dpi=110, squeeze=False)
+    for ax, d in zip(axes[0], demos):
+        names = list(summary["demos"][d])
+        finals = [summary["demos"][d][n]["final"] for n in names]
+        rate = np.array([f["success_rate"] for f in finals])
+        err = np.stack([rate - [f["ci95_low"] for f in finals], np.array([f["ci95_high"] for f in finals]) - rate])
+        ax.bar(range(len(names)), rate, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))], alpha=0.8)
+        for i, f in enumerate(finals):
+            ax.scatter([i] * len(f["seed_rates"]), f["seed_rates"], color="k", s=10, zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=15)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("final success (95% CI; dots: seeds)")
+        ax.set_title(f"{d} demonstrations per task")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(summary: dict, path: str) -> str | None:
+    """Downstream success of the scaling variant against Stage-1 corpus frames."""
+    if not summary["scaling"]:
+        return None
+    plt = _plt()
+    rows = sorted(summary["scaling"].values(), key=lambda r: r.get("frames", 0))
+    x = [r.get("frames", 0) for r in rows]
+    rate = np.array([r["success_rate"] for r in rows])
+    err = np.stack([rate - [r["ci95_low"] for r in rows], np.array([r["ci95_high"] for r in rows]) - rate])
+    fig, ax = plt.subplots(figsize=(5.0, 3.5), dpi=110)
+    ax.errorbar(x, rate, yerr=err, marker="o", capsize=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("Stage-1 corpus (frames of actions)")
+    ax.set_ylabel("closed-loop success (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"More Stage-1 data -> downstream success ({summary['budget']['scaling_variant']})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def markdown_summary(summary: dict) -> str:
+    """The README / report tables of a summary."""
+    from modeling_actprior.training import markdown_table
+
+    b = summary["budget"]
+    lines = []
+    for d, per_variant in summary["demos"].items():
+        rows = []
+        for variant, v in per_variant.items():
+            f = v["final"]
+            rows.append({
+                "variant": VARIANT_LABELS.get(variant, variant),
+                "final success": f"{f['success_rate']:.2f} [{f['ci95_low']:.2f}, {f['ci95_high']:.2f}]",
+                "per seed": " / ".join(f"{r:.2f}" for r in f["seed_rates"]),
+                "success by step": " → ".join(f"{c['success_rate']:.2f}" for c in v["curve"]),
+                "steps to scratch's final": "—" if v["steps_to_baseline_final"] is None else v["steps_to_baseline_final"],
+            })
+        lines += [f"**{d} demonstrations per task** ({len(b['tasks'])} tasks: {', '.join(b['tasks'])}; "
+                  f"{b['eval_episodes']} closed-loop episodes per task per seed per checkpoint, checkpoints at steps "
+                  f"{', '.join(str(c['step']) for c in next(iter(per_variant.values()))['curve'])}):", "",
+                  markdown_table(rows, ["variant", "final success", "per seed", "success by step",
+                                        "steps to scratch's final"]), ""]
+    if summary["scaling"]:
+        rows = [{"Stage-1 episodes per task": size, "corpus frames": r.get("frames", "?"),
+                 "prior held-out MSE": f"{r['prior_mse']:.3f}" if "prior_mse" in r else "?",
+                 "downstream success": f"{r['success_rate']:.2f} [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]"}
+                for size, r in sorted(summary["scaling"].items(), key=lambda kv: int(kv[0]))]
+        lines += [f"**Stage-1 data scaling** ({b['scaling_variant']}, {min(b['demos'])} demonstrations per task):", "",
+                  markdown_table(rows, ["Stage-1 episodes per task", "corpus frames", "prior held-out MSE",
+                                        "downstream success"]), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- entry
+def run_study(out: str, budget: Budget, jobs: int | None = None, threads: int = 1, workers: int = 2,
+              seed: int = 0) -> dict:
+    """Run (or resume) the whole study into ``out``; returns the summary (also ``out/summary.json``)."""
+    os.makedirs(out, exist_ok=True)
+    jobs = jobs or max(1, (os.cpu_count() or 2) // threads)
+    budget_path = os.path.join(out, "budget.json")
+    if os.path.isfile(budget_path):
+        with open(budget_path) as f:
+            previous = json.load(f)
+        if previous != json.loads(json.dumps(dataclasses.asdict(budget))):
+            raise ValueError(f"{out} holds a study of another budget ({budget_path}); pick another --out or delete it.")
+    with open(budget_path, "w") as f:
+        json.dump(dataclasses.asdict(budget), f, indent=2)
+    t0 = time.time()
+    timings = {}
+    data = generate_data(out, budget, workers, seed)
+    timings["generate_s"] = time.time() - t0
+    stage1_jobs, stage2_jobs = plan_jobs(out, budget, data, threads)
+    t1 = time.time()
+    failed = run_jobs(stage1_jobs, jobs, threads, "stage 1 priors")
+    timings["stage1_s"] = time.time() - t1
+    if failed:
+        raise RuntimeError(f"Stage-1 jobs failed: {failed}; see their logs under {out}/stage1/.")
+    t2 = time.time()
+    failed = run_jobs(stage2_jobs, jobs, threads, "stage 2 runs + closed loop")
+    timings["stage2_s"] = time.time() - t2
+    summary = summarize(out, budget)
+    summary["failed_jobs"] = failed
+    summary["timings"] = timings
+    summary["machine"] = {"cpus": os.cpu_count(), "jobs": jobs, "threads_per_job": threads}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if failed:
+        logger.error("%d Stage-2 jobs failed (%s); the summary covers the rest. Rerun to retry them.", len(failed),
+                     ", ".join(failed))
+    return summary
+
+
+def write_figures(out: str, summary: dict) -> dict[str, str]:
+    figs = {"curves": plot_curves(summary, os.path.join(out, "success_vs_steps.png")),
+            "final": plot_final(summary, os.path.join(out, "final_success.png"))}
+    scaling = plot_scaling(summary, os.path.join(out, "stage1_scaling.png"))
+    if scaling:
+        figs["scaling"] = scaling
+    return figs
+
+
+def _main_job(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser()
+    for a in ("--out", "--budget-json", "--run", "--prior", "--variant"):
+        p.add_argument(a, required=True)
+    p.add_argument("--demos", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    return _stage2_job(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_stage2_job":
+        sys.exit(_main_job(sys.argv[2:]))
+    raise SystemExit("usage: python benchmarks/prior_vs_scratch.py --budget small (this module runs the study's jobs)")
