@@ -92,8 +92,9 @@ class Budget:
     eval_episodes: int = 10
     eval_max_steps: int = 200
     image_size: int = 64
-    # The variant also trained on the priors of smaller corpora, for the scaling axis (None: scaling off).
-    scaling_variant: str | None = "full"
+    # The variant also trained on the priors of smaller corpora, for the scaling axis (None: scaling off); those
+    # runs are rolled out at their last step only.
+    scaling_variant: str | None = "decoder+kd"
 
     @property
     def eval_steps(self) -> list[int]:
@@ -104,7 +105,7 @@ class Budget:
 BUDGETS = {
     # actprior quickstart: one seed, scratch vs the full method, a fixed Stage-1 corpus.
     "quickstart": Budget(
-        name="quickstart", variants=("scratch", "full"), seeds=(0,), stage1_sizes=(6,),
+        name="quickstart", variants=("scratch", "decoder+kd"), seeds=(0,), stage1_sizes=(6,),
         stage1_metaworld_tasks=(
             "assembly-v3", "basketball-v3", "box-close-v3", "button-press-v3", "coffee-push-v3", "dial-turn-v3",
             "door-close-v3", "faucet-open-v3", "hammer-v3", "handle-press-v3", "lever-pull-v3", "plate-slide-v3",
@@ -114,7 +115,7 @@ BUDGETS = {
     ),
     # benchmarks/prior_vs_scratch.py --budget small: all variants, 3 seeds, 3 corpus sizes; < 1 h on 2 CPU cores.
     "small": Budget(name="small", stage1_sizes=(2, 5, 10), stage1_metaworld_tasks=None, stage1_steps=1200,
-                    eval_episodes=8),
+                    stage1_robosuite_tasks=("Lift",), eval_episodes=8),
     # The study as specified: MT10, 10 and 50 demonstrations, bigger models and budgets (a GPU machine).
     "full": Budget(name="full", tasks=MT10, demos=(10, 50), stage1_sizes=(5, 15, 50), stage1_steps=20000,
                    stage2_preset="small", stage2_steps=5000, stage2_batch_size=32,
@@ -217,6 +218,8 @@ def plan_jobs(out: str, budget: Budget, data: dict, threads: int = 1) -> tuple[l
                     argv = [_py(), "-m", "modeling_actprior.study", "_stage2_job", "--out", out,
                             "--budget-json", os.path.join(out, "budget.json"), "--run", run, "--prior", prior,
                             "--demos", str(demos), "--variant", variant, "--seed", str(seed)]
+                    if size != largest:
+                        argv.append("--final-only")
                     stage2_jobs.append(Job(f"stage2/{name}", argv, os.path.join(run, "closed_loop.json"),
                                            os.path.join(out, "logs", f"{name}.log"), after=[f"stage1/size{size}"]))
     return stage1_jobs, stage2_jobs
@@ -291,14 +294,15 @@ def _stage2_job(args: argparse.Namespace) -> int:
                 "--keep_last", str(len(budget.eval_steps) + 1), "--eval_every", str(budget.eval_every or 0),
                 "--val_fraction", "0.1", "--log_every", "25", "--no_progress", "--resume_from_checkpoint", "latest"]
         _training_script("train_stage2").main(argv)
-    closed = evaluate_checkpoints(args.run, budget, seed=args.seed)
+    closed = evaluate_checkpoints(args.run, budget, seed=args.seed, final_only=args.final_only)
     with open(os.path.join(args.run, "closed_loop.json"), "w") as f:
         json.dump(closed, f, indent=2)
     return 0
 
 
-def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0) -> dict:
-    """Closed-loop success of the run's checkpoints at ``budget.eval_steps`` (the last is ``final/``)."""
+def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0, final_only: bool = False) -> dict:
+    """Closed-loop success of the run's checkpoints at ``budget.eval_steps`` (the last is ``final/``; with
+    ``final_only`` only that one)."""
     from transformers import pipeline
 
     from modeling_actprior.rollout import evaluate
@@ -308,7 +312,7 @@ def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0) -> dict:
     by_step = dict(found.checkpoints)
     model, processor = load_vla(found.final)
     out = {"run": run, "steps": []}
-    for step in budget.eval_steps:
+    for step in budget.eval_steps[-1:] if final_only else budget.eval_steps:
         path = os.path.join(run, f"closed_loop_step{step:06d}.json")
         if not os.path.isfile(path):
             if step != budget.stage2_steps:
@@ -570,6 +574,7 @@ def _main_job(argv: Sequence[str]) -> int:
         p.add_argument(a, required=True)
     p.add_argument("--demos", type=int, required=True)
     p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--final-only", action="store_true")
     return _stage2_job(p.parse_args(argv))
 
 
