@@ -47,6 +47,9 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=None, help="training runs in parallel (default: CPU cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="delete --out first and start over")
+    parser.add_argument("--update-readme", default=None, metavar="README",
+                        help="also copy the report (figures into docs/ beside it) between the quickstart-results "
+                             "markers of this README")
 
 
 def quickstart_budget(args: argparse.Namespace):
@@ -92,7 +95,44 @@ def run_quickstart(args: argparse.Namespace) -> int:
     report = write_report(out, os.path.join(prior_dir(out, budget, budget.stage1_sizes[0]), "final"), timings,
                           summary=summary, figures=figures, latents=latents)
     print(f"[quickstart] done in {time.time() - t0:.0f} s; report: {report}")
+    if args.update_readme:
+        update_readme(args.update_readme, report, f"actprior quickstart (seed {args.seed})")
     return 1 if summary.get("failed_jobs") else 0
+
+
+README_START, README_END = "<!-- quickstart-results:start -->", "<!-- quickstart-results:end -->"
+
+
+def update_readme(readme: str, report: str, command: str) -> None:
+    """Put ``report`` (markdown) between the README's quickstart-results markers; its images are copied into
+    ``docs/quickstart/`` next to the README and the links rewritten, so the README shows this run's figures."""
+    import re
+
+    root, out = os.path.dirname(os.path.abspath(readme)), os.path.dirname(os.path.abspath(report))
+    docs = os.path.join(root, "docs", "quickstart")
+    os.makedirs(docs, exist_ok=True)
+    with open(report) as f:
+        body = f.read().split("\n", 1)[1].strip()  # drop the report's title
+
+    def copy(m):
+        src = os.path.join(out, m.group(2))
+        if not m.group(2).endswith(".png") or not os.path.isfile(src):
+            return m.group(0)
+        name = m.group(2).replace("/", "_")
+        shutil.copy(src, os.path.join(docs, name))
+        return f"{m.group(1)}(docs/quickstart/{name})"
+
+    body = re.sub(r"(!\[[^\]]*\])\(([^)]+)\)", copy, body)
+    body = re.sub(r"\[([^\]]+)\]\((latents/index\.html)\)", r"`\1` (in the run folder)", body)
+    with open(readme) as f:
+        text = f.read()
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to update.")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    with open(readme, "w") as f:
+        f.write(f"{head}{README_START}\nFrom `{command}`, copied from its `report.md` by `--update-readme`:\n\n"
+                f"{body}\n{README_END}{tail}")
 
 
 def _training_script(name: str):
