@@ -352,7 +352,12 @@ class ActionNormalizer:
     def from_dict(cls, d: Mapping) -> ActionNormalizer:
         try:
             specs = {n: EmbodimentSpec.from_dict(s) for n, s in d.get("embodiments", {}).items()}
-            stats = {n: EmbodimentStats.from_dict(s) for n, s in d["stats"].items()}
+            stats = {}
+            for n, s in d["stats"].items():
+                try:
+                    stats[n] = EmbodimentStats.from_dict(s)
+                except ValueError as e:
+                    raise ValueError(f"Statistics of embodiment {n!r}: {e}") from None
             missing = sorted(set(stats) - set(specs))
             specs.update({n: get_embodiment(n) for n in missing})
             return cls(d["max_action_dim"], d.get("mode", "quantile"), stats, specs, d.get("eps", 1e-6))
@@ -388,7 +393,12 @@ class ActionNormalizer:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged, re-save the normalizer.") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            if type(e) is not ValueError:  # e.g. UnknownEmbodimentError: keep its type
+                raise
+            raise ValueError(f"{path}: {e}") from None
 
     def __repr__(self) -> str:
         return (f"ActionNormalizer(max_action_dim={self.max_action_dim}, mode={self.mode!r}, "

@@ -3,23 +3,30 @@ preemption handling, the data order that survives a restart, and the loss-curve 
 
 Checkpoint layout under ``output_dir``::
 
-    checkpoints/step-000200/      accelerator.save_state(...) + trainer_state.json
+    checkpoints/step-000200/      model.safetensors, optimizer.{safetensors,json}, lr_scheduler.json,
+                                  rng_state_<rank>.{safetensors,json}, trainer_state.json, sha256sums.json
     checkpoints/step-000400/
-    final/                         save_pretrained(...) of the trained model, card, plots
+    final/                        save_pretrained(...) of the trained model, card, plots
 
-A checkpoint is written into ``checkpoints/.tmp-step-XXXXXX``, fsynced, then renamed: a run killed at
-any moment leaves only complete ``step-*`` folders, and ``--resume_from_checkpoint latest`` picks the
-newest of them.
+Nothing is pickled: tensors are safetensors, everything else JSON, so resuming never runs code from a file
+(DeepSpeed / FSDP runs are the exception: their sharded states use ``accelerator.save_state``'s own format).
+A checkpoint is written into ``checkpoints/.tmp-step-XXXXXX``, fsynced, then renamed; ``final/`` is written
+into a temporary sibling and swapped in. A run killed at any moment leaves only complete ``step-*`` folders,
+``--resume_from_checkpoint latest`` picks the newest of them, and every file is checked against its sha256
+before it is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -34,6 +41,12 @@ logger = logging.getLogger("actprior.training")
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+MODEL_WEIGHTS = "model.safetensors"
+OPTIMIZER_STATE = "optimizer"
+LR_SCHEDULER_STATE = "lr_scheduler"
+GRAD_SCALER_STATE = "grad_scaler"
+RNG_STATE = "rng_state"
+CHECKSUMS = "sha256sums.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -77,6 +90,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_size: int, 
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
                    help="default: what `accelerate config` says (fp32 is fastest on CPU)")
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out, per dataset")
+    p.add_argument("--max_episodes_per_task", type=int, default=0,
+                   help="use only the first N episodes of each task of each dataset (0: all); for data-size studies")
     p.add_argument("--eval_every", type=int, default=250, help=f"validation {val_loss} every N steps (0: off)")
     p.add_argument("--checkpoint_every", type=int, default=500, help="save a resumable checkpoint every N steps")
     p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
@@ -124,8 +139,10 @@ def parse_dataset_specs(specs: Sequence[str]) -> list[tuple]:
         if os.path.isfile(os.path.join(path, "meta", "info.json")):
             out.append((path, weight))
             continue
+        # Hidden folders and a killed writer's leftovers (``<name>.tmp-<pid>``, ``<name>.old-<pid>``) are no datasets.
         subs = sorted(os.path.join(path, d) for d in (os.listdir(path) if os.path.isdir(path) else [])
-                      if os.path.isfile(os.path.join(path, d, "meta", "info.json")))
+                      if os.path.isfile(os.path.join(path, d, "meta", "info.json"))
+                      and not d.startswith(".") and not re.search(r"\.(tmp|old)-\d+$", d))
         if not subs:
             raise FileNotFoundError(
                 f"--dataset {spec!r}: no LeRobot dataset there (expected {path}/meta/info.json, or sub-folders that "
@@ -165,6 +182,7 @@ def endless_batches(mixture, batch_size: int, consumed: int, rank: int = 0, worl
 
 # --------------------------------------------------------------------------------------------- checkpoints
 def list_checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints under ``output_dir/checkpoints``, oldest first (temporary and trashed ones excluded)."""
     root = os.path.join(output_dir, CHECKPOINT_DIR)
     if not os.path.isdir(root):
         return []
@@ -188,19 +206,19 @@ def resolve_resume(output_dir: str, resume: str | None) -> str | None:
     return resume
 
 
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _fsync_tree(path: str) -> None:
     for dirpath, _, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
 
 
 def _discard(checkpoint: str) -> None:
@@ -212,43 +230,354 @@ def _discard(checkpoint: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict[str, Any], keep_last: int = 3) -> str:
-    """Atomically write ``checkpoints/step-XXXXXX`` (call on every rank; rank 0 renames and prunes)."""
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system can't."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """Write a folder (e.g. ``final/``) all or nothing: the body writes into a temporary sibling that is fsynced
+    and then swapped in. An existing folder at ``path`` is replaced only once the new one is complete; a run killed
+    while writing leaves the old folder (or none) and a ``.tmp-<name>-*`` sibling that the next call sweeps.
+
+        with atomic_folder(os.path.join(output_dir, "final")) as tmp:
+            model.save_pretrained(tmp)
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    for stale in os.listdir(parent):  # left by a run killed while writing or swapping
+        if stale.startswith((f".tmp-{name}-", f".trash-{name}-")):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if not os.path.isdir(path):
+            os.replace(tmp, path)
+        elif _exchange(tmp, path):  # tmp now holds the old folder
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            _discard(path)
+            os.replace(tmp, path)
+        _fsync_path(parent)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# A checkpoint holds tensors (safetensors) and everything else as JSON: nothing is unpickled when resuming, so
+# a checkpoint from elsewhere can't run code. Non-JSON structure is tagged: tensors by their safetensors key,
+# tuples, numpy arrays, and dicts whose keys aren't plain strings (optimizer state is keyed by parameter index).
+_TENSOR, _TUPLE, _NDARRAY, _ITEMS = "__tensor__", "__tuple__", "__ndarray__", "__items__"
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        # One copy on the CPU: safetensors refuses tensors that share memory (tied weights, views).
+        tensors[key] = obj.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR: key}
+    if isinstance(obj, np.ndarray):
+        return {_NDARRAY: obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {_TUPLE: [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, f"{key}.{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, tensors, f"{key}.{k}") for k, v in obj.items()}
+        return {_ITEMS: [[_encode(k, tensors, f"{key}.key{i}"), _encode(v, tensors, f"{key}.{k}")]
+                         for i, (k, v) in enumerate(obj.items())]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"{key}: a {type(obj).__name__} can't be stored without pickle; expected tensors, numbers, "
+                    "strings, lists, tuples or dicts of them.")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if _TENSOR in obj:
+        return tensors[obj[_TENSOR]]
+    if _TUPLE in obj:
+        return tuple(_decode(v, tensors) for v in obj[_TUPLE])
+    if _NDARRAY in obj:
+        return np.asarray(obj[_NDARRAY], dtype=obj["dtype"])
+    if _ITEMS in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj[_ITEMS]}
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: str) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path)
+    except Exception as e:
+        # safetensors reports a failed write (disk full, file too large) as its own error type; make it the
+        # OSError it is, so callers handle every write failure in one place.
+        m = re.search(r"os error (\d+)", str(e))
+        if type(e).__name__ != "SafetensorError" or not m:
+            raise
+        raise OSError(int(m.group(1)), f"{os.strerror(int(m.group(1)))} while writing {path}") from e
+
+
+def _save_json(obj: Any, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def _save_state(obj: Any, folder: str, name: str) -> None:
+    """``obj`` (a state dict) -> ``name.json`` and, if it holds tensors, ``name.safetensors``."""
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(obj, tensors, name)
+    if tensors:
+        _save_tensors(tensors, os.path.join(folder, f"{name}.safetensors"))
+    _save_json(tree, os.path.join(folder, f"{name}.json"))
+
+
+def _load_state(folder: str, name: str) -> Any:
+    from safetensors.torch import load_file
+
+    tensor_file = os.path.join(folder, f"{name}.safetensors")
+    tensors = load_file(tensor_file) if os.path.isfile(tensor_file) else {}
+    with open(os.path.join(folder, f"{name}.json")) as f:
+        return _decode(json.load(f), tensors)
+
+
+def _device_rng_modules() -> list[tuple[str, Any]]:
+    return [(name, getattr(torch, name)) for name in ("cuda", "xpu")
+            if hasattr(torch, name) and getattr(torch, name).is_available()]
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's random generators: Python's, NumPy's global one, torch's CPU one and one per accelerator."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    for name, module in _device_rng_modules():
+        state[name] = module.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], source: str) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    for name, module in _device_rng_modules():
+        if name in state:
+            if len(state[name]) != module.device_count():
+                logger.warning("%s: saved %d %s generator states, this machine has %d devices; resuming with the "
+                               "first ones", source, len(state[name]), name, module.device_count())
+            for i, s in enumerate(state[name][:module.device_count()]):
+                module.set_rng_state(s, i)
+
+
+def _is_sharded(accelerator) -> bool:
+    """DeepSpeed / FSDP / Megatron shard model and optimizer states; those checkpoints are accelerate's own."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in {DistributedType.DEEPSPEED, DistributedType.FSDP,
+                                            DistributedType.MEGATRON_LM}
+
+
+def _register_for_sharded_checkpointing(accelerator, lr_scheduler) -> None:
+    if lr_scheduler is not None and all(o is not lr_scheduler for o in accelerator._custom_objects):
+        accelerator.register_for_checkpointing(lr_scheduler)
+
+
+def _sha256_tree(folder: str, skip: str = CHECKSUMS) -> dict[str, str]:
+    from modeling_actprior.modeling_actprior import _sha256
+
+    sums = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            rel = os.path.relpath(os.path.join(dirpath, name), folder)
+            if rel != skip:
+                sums[rel] = _sha256(os.path.join(dirpath, name))
+    return dict(sorted(sums.items()))
+
+
+def verify_checkpoint(checkpoint: str) -> None:
+    """Check every file of a checkpoint against the sha256 recorded when it was written (``sha256sums.json``).
+
+    Raises ``ValueError`` naming the first file that is missing, truncated or altered.
+    """
+    manifest = os.path.join(checkpoint, CHECKSUMS)
+    if not os.path.isfile(manifest):
+        raise ValueError(f"{checkpoint} has no {CHECKSUMS}: it was not written by this version of actprior or is "
+                         "incomplete. Resume from another checkpoint (pass its folder to --resume_from_checkpoint).")
+    with open(manifest) as f:
+        expected = json.load(f)
+    found = _sha256_tree(checkpoint)
+    for rel, digest in expected.items():
+        path = os.path.join(checkpoint, rel)
+        if rel not in found:
+            raise ValueError(f"{path} is missing; {manifest} lists it. The checkpoint is incomplete: resume from "
+                             "another one (pass its folder to --resume_from_checkpoint).")
+        if found[rel] != digest:
+            raise ValueError(f"{path} does not match the sha256 recorded when the checkpoint was written ({manifest}): "
+                             "the file was truncated or modified. Resume from another checkpoint.")
+
+
+def _write_checkpoint_files(accelerator, folder: str, model, optimizer, lr_scheduler) -> None:
+    """Model, optimizer, LR schedule, loss scaler (rank 0) and this rank's random generators into ``folder``."""
+    if _is_sharded(accelerator):
+        accelerator.save_state(folder, safe_serialization=True)
+        return
+    if accelerator.is_main_process:
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in accelerator.unwrap_model(model).state_dict().items():
+            _encode(v, tensors, k)
+        _save_tensors(tensors, os.path.join(folder, MODEL_WEIGHTS))
+        _save_state(optimizer.state_dict(), folder, OPTIMIZER_STATE)
+        if lr_scheduler is not None:
+            _save_state(lr_scheduler.state_dict(), folder, LR_SCHEDULER_STATE)
+        if accelerator.scaler is not None:
+            _save_state(accelerator.scaler.state_dict(), folder, GRAD_SCALER_STATE)
+    _save_state({**_rng_state(), "accelerator_step": accelerator.step}, folder,
+                f"{RNG_STATE}_{accelerator.process_index}")
+
+
+def load_checkpoint(accelerator, checkpoint: str, model, optimizer, lr_scheduler=None) -> dict[str, Any]:
+    """Restore model, optimizer, LR schedule, loss scaler and random generators from ``checkpoint`` (every file is
+    first checked against its sha256) and return its trainer state. Reads safetensors and JSON only. Call on every
+    rank, after ``accelerator.prepare``."""
+    verify_checkpoint(checkpoint)
+    if _is_sharded(accelerator):
+        _register_for_sharded_checkpointing(accelerator, lr_scheduler)
+        accelerator.load_state(checkpoint)
+        return load_trainer_state(checkpoint)
+    from safetensors.torch import load_file
+
+    accelerator.unwrap_model(model).load_state_dict(load_file(os.path.join(checkpoint, MODEL_WEIGHTS)))
+    optimizer.load_state_dict(_load_state(checkpoint, OPTIMIZER_STATE))
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(_load_state(checkpoint, LR_SCHEDULER_STATE))
+    if accelerator.scaler is not None and os.path.isfile(os.path.join(checkpoint, f"{GRAD_SCALER_STATE}.json")):
+        scaler_state = _load_state(checkpoint, GRAD_SCALER_STATE)
+        if scaler_state:  # empty when saved before the first fp16 step
+            accelerator.scaler.load_state_dict(scaler_state)
+    rank_file = f"{RNG_STATE}_{accelerator.process_index}"
+    if not os.path.isfile(os.path.join(checkpoint, f"{rank_file}.json")):
+        logger.warning("%s has no random state for process %d (saved with fewer processes); its generators keep "
+                       "their seeds, so the run won't repeat the uninterrupted one exactly", checkpoint,
+                       accelerator.process_index)
+        rank_file = f"{RNG_STATE}_0"
+    rng = _load_state(checkpoint, rank_file)
+    accelerator.step = rng.pop("accelerator_step")
+    _set_rng_state(rng, checkpoint)
+    return load_trainer_state(checkpoint)
+
+
+def _all_ranks_ok(accelerator, ok: bool) -> bool:
+    """True when every rank's ``ok`` is; a collective (it also synchronizes the ranks). Call on every rank."""
+    if accelerator.num_processes == 1:
+        return ok
+    flags = accelerator.gather(torch.tensor([float(ok)], device=accelerator.device))
+    return bool(flags.min().item() == 1.0)
+
+
+def _save_failed(root: str, final: str, tmp: str, error: OSError | None, output_dir: str, remove: bool) -> OSError:
+    """Remove the half-written folder (if ``remove``) and build the error that says what happened and what survived."""
+    if remove:
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(root).free / 2**20:.0f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    kept = [os.path.basename(c) for c in list_checkpoints(output_dir)]
+    cause = (error.strerror or str(error)) if error is not None else "another process failed to write its part"
+    return OSError(
+        error.errno if error is not None else None,
+        f"Could not write checkpoint {final}: {cause} ({free} on the disk of {root}). The partial folder was "
+        f"removed; the earlier checkpoints are intact ({', '.join(kept) or 'none yet'}). Free disk space (or lower "
+        "--keep_last) and continue with --resume_from_checkpoint latest.",
+    )
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict[str, Any], keep_last: int = 3, *,
+                    model, optimizer, lr_scheduler=None) -> str:
+    """Atomically write ``checkpoints/step-XXXXXX`` and prune to the newest ``keep_last``. Call on every rank.
+
+    What is written (no pickle anywhere; every file listed with its sha256 in ``sha256sums.json``):
+
+    * ``model.safetensors``: the unwrapped model's ``state_dict`` (fp32 master weights, same keys as the model);
+    * ``optimizer.safetensors`` + ``optimizer.json``: optimizer tensors (moments, step counts) and the rest of its
+      ``state_dict`` (param groups, hyper-parameters);
+    * ``lr_scheduler.json``, ``grad_scaler.json`` (fp16 only): their ``state_dict``s;
+    * ``rng_state_<rank>.json`` / ``.safetensors``: Python, NumPy, torch CPU and per-GPU generator states of each
+      process, and accelerate's step counter;
+    * ``trainer_state.json``: ``trainer_state`` plus ``step``; its presence marks a complete checkpoint.
+
+    Under DeepSpeed / FSDP (sharded states) the first five are replaced by ``accelerator.save_state``'s own format
+    (which pickles optimizer and random states). Everything goes into ``.tmp-step-XXXXXX``, is fsynced, then renamed:
+    a kill at any moment leaves only complete ``step-*`` folders. A write error (disk full, quota) removes the
+    partial folder, keeps the earlier checkpoints and raises an ``OSError`` saying so.
+    """
     root = os.path.join(output_dir, CHECKPOINT_DIR)
     final = os.path.join(root, f"step-{step:06d}")
     tmp = os.path.join(root, f".tmp-step-{step:06d}")
-    if accelerator.is_main_process:
-        os.makedirs(root, exist_ok=True)
-        for stale in os.listdir(root):  # left by a run killed while writing or deleting
-            if stale.startswith((".tmp-step-", ".trash-")):
-                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp, safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, TRAINER_STATE), "w") as f:
-            json.dump({**trainer_state, "step": step}, f, indent=2)
-        _fsync_tree(tmp)
-        if os.path.isdir(final):
-            _discard(final)
-        os.replace(tmp, final)
-        fd = os.open(root, os.O_RDONLY)
+    main = accelerator.is_main_process
+
+    def prepare():
+        if main:
+            os.makedirs(root, exist_ok=True)
+            for stale in os.listdir(root):  # left by a run killed while writing or deleting
+                if stale.startswith((".tmp-step-", ".trash-")):
+                    shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+            os.makedirs(tmp)
+
+    def write():
+        if _is_sharded(accelerator):
+            _register_for_sharded_checkpointing(accelerator, lr_scheduler)
+        _write_checkpoint_files(accelerator, tmp, model, optimizer, lr_scheduler)
+
+    def commit():
+        if main:
+            _save_json({**trainer_state, "step": step}, os.path.join(tmp, TRAINER_STATE))
+            _save_json(_sha256_tree(tmp), os.path.join(tmp, CHECKSUMS))
+            _fsync_tree(tmp)
+            if os.path.isdir(final):
+                _discard(final)
+            os.replace(tmp, final)
+            _fsync_path(root)
+
+    # Every rank runs every phase and then the same collective, so a write error on one rank stops all of them
+    # (instead of leaving the others waiting at a barrier).
+    for phase in (prepare, write, commit):
+        error: OSError | None = None
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            phase()
+        except OSError as e:
+            error = e
+        if not _all_ranks_ok(accelerator, error is None):
+            raise _save_failed(root, final, tmp, error, output_dir, remove=main)
+    if main:
         for old in list_checkpoints(output_dir)[:-keep_last] if keep_last > 0 else []:
             _discard(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def start_or_resume(accelerator, output_dir: str, resume_from: str | None, overwrite: bool) -> tuple[int, list]:
+def start_or_resume(accelerator, output_dir: str, resume_from: str | None, overwrite: bool, *, model, optimizer,
+                    lr_scheduler=None) -> tuple[int, list]:
     """Resume from ``resume_from`` ("latest" or a folder) and return ``(step, history)``; or start at step 0.
 
     Starting afresh in a folder that holds an earlier run's checkpoints is refused unless ``overwrite`` (then
-    they are deleted), so two runs never mix. Call on every rank, after ``accelerator.prepare`` and after
-    registering every object whose state the checkpoints carry.
+    they are deleted), so two runs never mix. Call on every rank, after ``accelerator.prepare``.
     """
     resume = resolve_resume(output_dir, resume_from)
     earlier = list_checkpoints(output_dir)
@@ -264,8 +593,7 @@ def start_or_resume(accelerator, output_dir: str, resume_from: str | None, overw
         accelerator.wait_for_everyone()
     if not resume:
         return 0, []
-    accelerator.load_state(resume)
-    state = load_trainer_state(resume)
+    state = load_checkpoint(accelerator, resume, model, optimizer, lr_scheduler)
     logger.info("resumed from %s at step %d", resume, state["step"])
     return state["step"], state.get("history", [])
 
@@ -284,10 +612,30 @@ def check_output_dir_writable(output_dir: str, min_free_mb: float = 50.0) -> Non
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise PermissionError(f"--output_dir {output_dir} is not writable ({e}). Choose a folder you can write to.") from None
+        raise PermissionError(
+            f"--output_dir {output_dir} is not writable ({e.strerror or e}). Choose a folder you can write to, or "
+            "free space on its disk."
+        ) from None
     free_mb = shutil.disk_usage(output_dir).free / 2**20
     if free_mb < min_free_mb:
-        raise OSError(f"--output_dir {output_dir}: only {free_mb:.0f} MiB free; checkpoints need at least {min_free_mb:.0f} MiB.")
+        raise OSError(errno.ENOSPC, f"--output_dir {output_dir}: only {free_mb:.0f} MiB free on its disk; checkpoints "
+                      f"need at least {min_free_mb:.0f} MiB. Free space or choose another --output_dir.")
+
+
+def check_chunk_fits(datasets: Sequence, chunk_size: int, what: str = "--chunk_size") -> None:
+    """Refuse an action chunk longer than every episode of a dataset: each of its windows would be mostly padding.
+
+    ``datasets``: loaded ``TrajectoryDataset``s (``episode_lengths``, ``root``); ``chunk_size``: ``H`` in frames.
+    """
+    for ds in datasets:
+        lengths = np.asarray(ds.episode_lengths, dtype=np.int64)
+        if lengths.size and int(chunk_size) > int(lengths.max()):
+            shown = ", ".join(str(int(n)) for n in lengths[:12]) + (", ..." if lengths.size > 12 else "")
+            raise ValueError(
+                f"{what} is {chunk_size} frames, longer than every episode of {ds.root} (episode lengths: {shown}; "
+                f"the longest has {int(lengths.max())} frames), so no window would hold a full chunk. Use a chunk of "
+                f"at most {int(lengths.max())} frames, or record longer episodes."
+            )
 
 
 def close_distributed(accelerator) -> None:

@@ -8,7 +8,8 @@
 The same file runs on one CPU process or on many GPUs (see ``training_scripts/configs/`` for accelerate
 configs). What it leaves in ``--output_dir``:
 
-* ``checkpoints/step-XXXXXX/``: ``accelerator.save_state`` + ``trainer_state.json``, written atomically;
+* ``checkpoints/step-XXXXXX/``: model, optimizer, schedule and random states (safetensors + JSON, no pickle) and
+  ``trainer_state.json``, written atomically;
   ``--resume_from_checkpoint latest`` continues with the same data order and learning-rate schedule;
 * ``final/``: the trained prior (``save_pretrained``: safetensors, config, scheduler, normalization stats,
   remote-code files), ``eval_results.json``, ``loss_curve.png`` and a model card ``README.md``.
@@ -37,6 +38,7 @@ from modeling_actprior.data import (
     collate_windows,
     fit_normalizer,
     load_lerobot_dataset,
+    select_episodes,
     split_episodes,
 )
 from modeling_actprior.evaluation import evaluate_prior, mean_chunk
@@ -44,6 +46,8 @@ from modeling_actprior.training import (
     PreemptionGuard,
     add_config_field_arguments,
     add_training_arguments,
+    atomic_folder,
+    check_chunk_fits,
     check_output_dir_writable,
     close_distributed,
     endless_batches,
@@ -90,7 +94,9 @@ def build_data(args, config: ap.ActionPriorConfig):
     (pooled per embodiment), as LeRobot does."""
     specs = parse_dataset_specs(args.dataset)
     corpora = [(load_lerobot_dataset(path), w) for path, w in specs]
-    splits = [split_episodes(ds.num_episodes, args.val_fraction, args.seed) for ds, _ in corpora]
+    check_chunk_fits([ds for ds, _ in corpora], config.chunk_size, "--chunk_size")
+    splits = [split_episodes(ds.num_episodes, args.val_fraction, args.seed,
+                             episodes=select_episodes(ds, args.max_episodes_per_task)) for ds, _ in corpora]
 
     normalizer = fit_normalizer([ds for ds, _ in corpora], config.max_action_dim, mode=args.normalization)
 
@@ -103,8 +109,8 @@ def build_data(args, config: ap.ActionPriorConfig):
         if len(val_eps):
             val_sets.setdefault(ds.embodiment.name, []).append(ActionWindowDataset(ds, episodes=val_eps, **window_kw))
     summary = {
-        "datasets": [{"path": ds.root, "embodiment": ds.embodiment.name, "episodes": ds.num_episodes,
-                      "frames": ds.num_frames, "weight": w, "train_episodes": len(tr), "val_episodes": len(va)}
+        "datasets": [{"path": ds.root, "embodiment": ds.embodiment.name, "episodes": len(tr) + len(va),
+                      "frames": int(ds.episode_lengths[list(tr) + list(va)].sum()), "weight": w, "train_episodes": len(tr), "val_episodes": len(va)}
                      for (ds, w), (tr, va) in zip(corpora, splits)],
     }
     return train_sets, weights, val_sets, normalizer, summary
@@ -120,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for noisy in ("accelerate", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    # An impossible config or unusable data fails here, before anything is written to --output_dir.
+    set_seed(args.seed, device_specific=False)
+    config = build_config(args, field_names)
+    train_sets, weights, val_sets, normalizer, corpus = build_data(args, config)
+
     accelerator = Accelerator(
         # Without any accelerator device, say so: then `--multi_gpu --num_processes N` is real DDP over gloo.
         cpu=not torch.accelerator.is_available(),
@@ -130,11 +141,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     if accelerator.is_main_process:
         check_output_dir_writable(args.output_dir)
-    set_seed(args.seed, device_specific=False)
 
     # ---------------------------------------------------------------- build
-    config = build_config(args, field_names)
-    train_sets, weights, val_sets, normalizer, corpus = build_data(args, config)
     per_step = args.batch_size * accelerator.num_processes
     total_windows = sum(len(t) for t in train_sets)
     if per_step * args.gradient_accumulation_steps > total_windows:
@@ -150,12 +158,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                                  num_training_steps=args.max_steps)
+    # The LR scheduler is stepped once per optimizer step by us (not by accelerate, which would step it once per
+    # process), and saved with the model and optimizer in every checkpoint.
     model, optimizer = accelerator.prepare(model, optimizer)
-    # Stepped once per optimizer step by us (not by accelerate, which would step it once per process).
-    accelerator.register_for_checkpointing(lr_scheduler)
+    state = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
 
     step, history = start_or_resume(accelerator, args.output_dir, args.resume_from_checkpoint,
-                                    args.overwrite_output_dir)
+                                    args.overwrite_output_dir, **state)
 
     consumed = step * args.gradient_accumulation_steps * per_step
     batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
@@ -213,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         stop_now = guard.requested
         if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
             save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": jsonable(vars(args))},
-                            keep_last=args.keep_last)
+                            keep_last=args.keep_last, **state)
         if stop_now:
             logger.warning("SIGTERM received: checkpoint written at step %d; resume with --resume_from_checkpoint latest", step)
             interrupted = True
@@ -242,7 +251,6 @@ def _finish(args, accelerator, model, config, corpus, history, val_sets, train_s
         return {}
     model = accelerator.unwrap_model(model)
     final = os.path.join(args.output_dir, "final")
-    os.makedirs(final, exist_ok=True)
     by_emb: dict[str, list] = {}
     for ds in train_sets:
         by_emb.setdefault(ds.embodiment, []).append(ds)
@@ -250,12 +258,13 @@ def _finish(args, accelerator, model, config, corpus, history, val_sets, train_s
                    for emb, sets in by_emb.items()}
     evaluation = evaluate_prior(model, val_sets, mean_chunks, collate_windows, max_windows=args.eval_windows,
                                 seed=args.seed, progress=not args.no_progress) if val_sets else {}
-    model.save_pretrained(final)
-    curve = plot_curves(history, ["loss", "flow_loss", "val_flow_loss"], os.path.join(final, "loss_curve.png"),
-                        "Stage 1 action prior")
-    with open(os.path.join(final, "eval_results.json"), "w") as f:
-        json.dump({"evaluation": evaluation, "corpus": corpus, "history": history}, f, indent=2)
-    _write_card(final, model, config, corpus, evaluation, history, args, curve)
+    with atomic_folder(final) as folder:  # all or nothing: an earlier final/ is replaced once this one is complete
+        model.save_pretrained(folder)
+        curve = plot_curves(history, ["loss", "flow_loss", "val_flow_loss"], os.path.join(folder, "loss_curve.png"),
+                            "Stage 1 action prior")
+        with open(os.path.join(folder, "eval_results.json"), "w") as f:
+            json.dump({"evaluation": evaluation, "corpus": corpus, "history": history}, f, indent=2)
+        _write_card(folder, model, config, corpus, evaluation, history, args, curve)
     for emb, row in evaluation.items():
         logger.info("%s: prior MSE %.4f | repeat-last %.4f | mean-chunk %.4f | active dims %d",
                     emb, row["prior_mse"], row["repeat_last_mse"], row["mean_chunk_mse"], row["active_dims"])

@@ -13,7 +13,8 @@ no_history_token|full``, or the switches one by one (``--use_prior_decoder false
 
 What it leaves in ``--output_dir`` (the same layout as Stage 1):
 
-* ``checkpoints/step-XXXXXX/``: ``accelerator.save_state`` + ``trainer_state.json``, written atomically;
+* ``checkpoints/step-XXXXXX/``: model, optimizer, schedule and random states (safetensors + JSON, no pickle) and
+  ``trainer_state.json``, written atomically;
   ``--resume_from_checkpoint latest`` continues with the same data order and schedules;
 * ``final/``: the VLA (``save_pretrained``: safetensors, config, scheduler, normalization stats, remote-code
   files), its processor (image processor, tokenizer), ``eval_results.json``, ``loss_curve.png``, a model card
@@ -46,6 +47,7 @@ from modeling_actprior.data import (
     VLAWindowDataset,
     collate_windows,
     load_lerobot_dataset,
+    select_episodes,
     split_episodes,
 )
 from modeling_actprior.evaluation import repeat_last_action
@@ -53,6 +55,8 @@ from modeling_actprior.training import (
     PreemptionGuard,
     add_config_field_arguments,
     add_training_arguments,
+    atomic_folder,
+    check_chunk_fits,
     check_output_dir_writable,
     close_distributed,
     endless_batches,
@@ -130,6 +134,7 @@ def build_data(args, prior):
     """Demonstration datasets (with images), split by episode, windowed with the prior's normalizer."""
     specs = parse_dataset_specs(args.dataset)
     corpora = [(load_lerobot_dataset(path), w) for path, w in specs]
+    check_chunk_fits([ds for ds, _ in corpora], prior.config.chunk_size, f"the prior's chunk_size (from {args.prior})")
     known = prior.normalizer.embodiment_names
     for ds, _ in corpora:
         if ds.embodiment.name not in known:
@@ -140,7 +145,8 @@ def build_data(args, prior):
         if not ds.meta.camera_keys:
             raise ValueError(f"Dataset {ds.root} has no camera images; Stage 2 needs observations to train a VLA.")
     camera = args.camera or VLAWindowDataset.camera_name(corpora[0][0].meta.camera_keys[0])
-    splits = [split_episodes(ds.num_episodes, args.val_fraction, args.seed) for ds, _ in corpora]
+    splits = [split_episodes(ds.num_episodes, args.val_fraction, args.seed,
+                             episodes=select_episodes(ds, args.max_episodes_per_task)) for ds, _ in corpora]
     pc = prior.config
     window_kw = dict(normalizer=prior.normalizer, history=pc.history_length, chunk=pc.chunk_size, cameras=[camera])
     train_sets, weights, val_sets = [], [], {}
@@ -151,8 +157,8 @@ def build_data(args, prior):
             val_sets.setdefault(ds.embodiment.name, []).append(VLAWindowDataset(ds, episodes=val_eps, **window_kw))
     instructions = sorted({t for ds, _ in corpora for t in ds.meta.tasks if t})
     summary = {
-        "datasets": [{"path": ds.root, "embodiment": ds.embodiment.name, "episodes": ds.num_episodes,
-                      "frames": ds.num_frames, "weight": w, "train_episodes": len(tr), "val_episodes": len(va)}
+        "datasets": [{"path": ds.root, "embodiment": ds.embodiment.name, "episodes": len(tr) + len(va),
+                      "frames": int(ds.episode_lengths[list(tr) + list(va)].sum()), "weight": w, "train_episodes": len(tr), "val_episodes": len(va)}
                      for (ds, w), (tr, va) in zip(corpora, splits)],
         "camera": camera, "instructions": instructions,
     }
@@ -213,11 +219,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     optimizer = build_optimizer(model, args)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                                  num_training_steps=args.max_steps)
+    # The LR scheduler is stepped once per optimizer step by us (not by accelerate, which would step it once per
+    # process), and saved with the model and optimizer in every checkpoint.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(lr_scheduler)
+    state = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
 
     step, history = start_or_resume(accelerator, args.output_dir, args.resume_from_checkpoint,
-                                    args.overwrite_output_dir)
+                                    args.overwrite_output_dir, **state)
 
     collate = VLACollator(processor, corpus["camera"])
     consumed = step * args.gradient_accumulation_steps * per_step
@@ -279,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         stop_now = guard.requested
         if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
             save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": jsonable(vars(args))},
-                            keep_last=args.keep_last)
+                            keep_last=args.keep_last, **state)
         if stop_now:
             logger.warning("SIGTERM received: checkpoint written at step %d; resume with --resume_from_checkpoint latest", step)
             interrupted = True
@@ -334,23 +342,23 @@ def _finish(args, accelerator, model, processor, corpus, history, val_sets) -> d
         return {}
     model = accelerator.unwrap_model(model)
     final = os.path.join(args.output_dir, "final")
-    os.makedirs(final, exist_ok=True)
     collate = VLACollator(processor, corpus["camera"])
     evaluation = evaluate_vla(model, val_sets, collate, args.eval_windows, args.seed, args.batch_size) if val_sets else {}
     lora_r = model.config.lora_r
-    if lora_r:
-        # Adapters alone for further fine-tuning; merged weights in final/ so it loads without PEFT wrapping.
-        model.save_lora_adapters(os.path.join(final, "lora_adapters"))
-        model.merge_lora()
-    model.save_pretrained(final)
-    processor.save_pretrained(final)
-    # A zero KD loss (after the schedule, or a baseline without KD) has no place on a log axis.
-    curve = plot_curves([{k: v for k, v in h.items() if not (k in ("kd_loss", "kd_weight") and v <= 0)} for h in history],
-                        ["loss", "bc_loss", "kd_loss", "kd_weight", "val_bc_loss"],
-                        os.path.join(final, "loss_curve.png"), "Stage 2 VLA with action prior")
-    with open(os.path.join(final, "eval_results.json"), "w") as f:
-        json.dump({"evaluation": evaluation, "corpus": corpus, "history": history}, f, indent=2)
-    _write_card(final, model, corpus, evaluation, history, args, curve, lora_r)
+    with atomic_folder(final) as folder:  # all or nothing: an earlier final/ is replaced once this one is complete
+        if lora_r:
+            # Adapters alone for further fine-tuning; merged weights in final/ so it loads without PEFT wrapping.
+            model.save_lora_adapters(os.path.join(folder, "lora_adapters"))
+            model.merge_lora()
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        # A zero KD loss (after the schedule, or a baseline without KD) has no place on a log axis.
+        curve = plot_curves([{k: v for k, v in h.items() if not (k in ("kd_loss", "kd_weight") and v <= 0)}
+                             for h in history], ["loss", "bc_loss", "kd_loss", "kd_weight", "val_bc_loss"],
+                            os.path.join(folder, "loss_curve.png"), "Stage 2 VLA with action prior")
+        with open(os.path.join(folder, "eval_results.json"), "w") as f:
+            json.dump({"evaluation": evaluation, "corpus": corpus, "history": history}, f, indent=2)
+        _write_card(folder, model, corpus, evaluation, history, args, curve, lora_r)
     for emb, row in evaluation.items():
         logger.info("%s: VLA MSE %.4f | repeat-last %.4f", emb, row["vla_mse"], row["repeat_last_mse"])
     return {"final": final, "evaluation": evaluation}

@@ -312,6 +312,7 @@ class LeRobotDatasetWriter:
         self.png_compress_level = int(png_compress_level)
         if self.chunks_size <= 0 or self.data_files_size_bytes <= 0:
             raise ValueError("chunks_size and data_files_size_in_mb must be positive.")
+        _undo_interrupted_writes(self.root)
         if os.path.exists(self.root) and not self.overwrite:
             raise FileExistsError(f"{self.root} already exists; pass overwrite=True to replace it.")
         self.tmp_root = f"{self.root}.tmp-{os.getpid()}"
@@ -626,6 +627,35 @@ class LeRobotDatasetWriter:
         self._closed = True
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _undo_interrupted_writes(root: str) -> None:
+    """Clear what a writer killed mid-way left beside ``root``: its ``.tmp-<pid>`` folder and, if it was killed
+    between the two renames of an overwrite, the previous dataset ``.old-<pid>`` (renamed back onto ``root``).
+    Folders of writers still running are left alone."""
+    parent, name = os.path.split(root)
+    if not os.path.isdir(parent):
+        return
+    for entry in sorted(os.listdir(parent)):
+        m = re.fullmatch(re.escape(name) + r"\.(tmp|old)-(\d+)", entry)
+        if not m or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+            continue
+        path = os.path.join(parent, entry)
+        if m.group(1) == "old" and not os.path.lexists(root):
+            logger.warning("%s: restoring the dataset a killed writer had moved to %s", root, path)
+            os.rename(path, root)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def write_lerobot_dataset(root: PathLike, episodes: Iterable[Episode], spec: EmbodimentSpec, fps: float,
                           **kw) -> str:
     """Write ``episodes`` to a LeRobot v3.0 folder at ``root`` (see ``LeRobotDatasetWriter``); returns root."""
@@ -646,6 +676,23 @@ def _check_finite_frames(x: np.ndarray, what: str) -> None:
     if not np.isfinite(x).all():
         frame, dim = (int(i) for i in np.argwhere(~np.isfinite(x))[0])
         raise ValueError(f"{what} contain NaN or inf at frame {frame}, dimension {dim} (value {x[frame, dim]}).")
+
+
+_8BIT_IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P", "1", "CMYK", "YCbCr")
+
+
+def _image_hw(feature: dict) -> tuple[int, int] | None:
+    """``(height, width)`` an image feature of info.json declares (``[h, w, c]`` or ``[c, h, w]``), if it does."""
+    shape, names = feature.get("shape"), feature.get("names")
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+        return None
+    if isinstance(names, (list, tuple)) and "height" in names and "width" in names:
+        return int(shape[names.index("height")]), int(shape[names.index("width")])
+    if shape[-1] in (1, 3, 4):
+        return int(shape[0]), int(shape[1])
+    if shape[0] in (1, 3, 4):
+        return int(shape[1]), int(shape[2])
+    return None
 
 
 # -------------------------------------------------------------------------------------------- meta
@@ -959,14 +1006,19 @@ class LeRobotDatasetMeta:
 
     def feature_stats(self, key: str) -> dict[str, np.ndarray]:
         if key not in self.stats:
-            raise DatasetFormatError(f"{os.path.join(self.root, STATS_PATH)} has no statistics for {key!r}.")
+            raise DatasetFormatError(f"{os.path.join(self.root, STATS_PATH)} has no statistics for {key!r}; expected "
+                                     "one entry (mean, std, min, max, ...) per feature used. Recompute the dataset's "
+                                     "statistics.")
         return self.stats[key]
 
     def action_stats(self) -> EmbodimentStats:
         """Action statistics as ``EmbodimentStats`` (for ``ActionNormalizer.add_embodiment``)."""
         st = self.feature_stats(ACTION_KEY)
-        return EmbodimentStats.from_dict({k: v for k, v in st.items() if k in
-                                          ("mean", "std", "q01", "q99", "min", "max", "count")})
+        try:
+            return EmbodimentStats.from_dict({k: v for k, v in st.items() if k in
+                                              ("mean", "std", "q01", "q99", "min", "max", "count")})
+        except ValueError as e:
+            raise DatasetFormatError(f"{os.path.join(self.root, STATS_PATH)}: {ACTION_KEY!r}: {e}") from None
 
     def __repr__(self) -> str:
         return (f"LeRobotDatasetMeta(root={self.root!r}, embodiment={self.embodiment.name!r}, "
@@ -1150,8 +1202,24 @@ class TrajectoryDataset:
             full = path if os.path.isabs(path) else os.path.join(self.root, path)
             with open(full, "rb") as f:
                 data = f.read()
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+        e = int(np.searchsorted(self.episode_to, row, side="right"))
+        where = f"{self.root}: {key} of episode {e}, frame {row - int(self.episode_from[e])}"
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                if im.mode not in _8BIT_IMAGE_MODES:
+                    raise DatasetFormatError(
+                        f"{where} is a {im.mode!r} image; expected 8-bit RGB (or grayscale/palette/RGBA, which are "
+                        "converted). Re-encode the frames as 8-bit PNG or JPEG.")
+                frame = np.asarray(im.convert("RGB"))
+        except OSError as err:  # PIL.UnidentifiedImageError, truncated data
+            raise DatasetFormatError(f"{where} can't be decoded as an image ({type(err).__name__}); expected PNG or "
+                                     "JPEG bytes. Re-encode that frame.") from None
+        expected = _image_hw(self.meta.features.get(key, {}))
+        if expected is not None and frame.shape[:2] != expected:
+            raise DatasetFormatError(
+                f"{where} is {frame.shape[0]}x{frame.shape[1]} pixels (height x width) but meta/info.json declares "
+                f"{expected[0]}x{expected[1]} for {key}. Resize the frames or fix the feature's shape.")
+        return frame
 
     def episode(self, episode_index: int, images: bool = False) -> Episode:
         """Episode ``episode_index`` read back (images decoded only if ``images``)."""

@@ -144,8 +144,15 @@ def _state_affine(meta: LeRobotDatasetMeta, max_state_dim: int) -> tuple[np.ndar
     if s > max_state_dim:
         raise ValueError(f"{meta.root}: {STATE_KEY} has width {s} > max_state_dim={max_state_dim}.")
     st = meta.feature_stats(STATE_KEY)
+    missing = [k for k in ("mean", "std") if k not in st]
+    if missing:
+        raise DatasetFormatError(f"{meta.root}/meta/stats.json: {STATE_KEY!r} lacks {missing}; states are standardized "
+                                 "with its mean and std. Recompute the dataset's statistics.")
     mean = np.asarray(st["mean"], np.float64).reshape(-1)
     std = np.asarray(st["std"], np.float64).reshape(-1)
+    if mean.shape != (s,) or std.shape != (s,):
+        raise DatasetFormatError(f"{meta.root}/meta/stats.json: {STATE_KEY!r} mean/std have {mean.size}/{std.size} "
+                                 f"values; the feature has width {s}. Recompute the dataset's statistics.")
     std = np.where(std < _STD_EPS, 1.0, std)
     return mean.astype(np.float32), std.astype(np.float32), s
 
