@@ -63,8 +63,9 @@ def main(argv=None) -> int:
     table = markdown_summary(summary)
     machine = (f"{summary['machine']['cpus']} CPU cores, {summary['machine']['jobs']} runs in parallel x "
                f"{summary['machine']['threads_per_job']} thread(s)")
-    text = (f"`python benchmarks/prior_vs_scratch.py --budget {args.budget}` ({machine}; "
-            f"{summary['wall_s'] / 60:.0f} min including the rerun-skipped parts):\n\n{table}")
+    minutes = sum(summary["timings"].values()) / 60
+    text = (f"`python benchmarks/prior_vs_scratch.py --budget {args.budget}` ({machine}; {minutes:.0f} min: "
+            + ", ".join(f"{k[:-2]} {v / 60:.0f} min" for k, v in summary["timings"].items()) + f"):\n\n{table}")
     with open(os.path.join(out, "prior_vs_scratch.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(out, "summary.json"), "w") as f:

@@ -295,9 +295,21 @@ def _stage2_job(args: argparse.Namespace) -> int:
                 "--val_fraction", "0.1", "--log_every", "25", "--no_progress", "--resume_from_checkpoint", "latest"]
         _training_script("train_stage2").main(argv)
     closed = evaluate_checkpoints(args.run, budget, seed=args.seed, final_only=args.final_only)
+    sensitivity_file(args.run, data)
     with open(os.path.join(args.run, "closed_loop.json"), "w") as f:
         json.dump(closed, f, indent=2)
     return 0
+
+
+def sensitivity_file(run: str, demos: str) -> dict:
+    """``run/sensitivity.json`` (``input_sensitivity`` of ``run/final``), computed once."""
+    path = os.path.join(run, "sensitivity.json")
+    if not os.path.isfile(path):
+        result = input_sensitivity(os.path.join(run, "final"), demos)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+    with open(path) as f:
+        return json.load(f)
 
 
 def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0, final_only: bool = False) -> dict:
@@ -332,6 +344,50 @@ def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0, final_only: bo
                              "episodes": res["overall"]["episodes"],
                              "tasks": {t["task"]: [t["successes"], t["episodes"]] for t in res["tasks"]}})
     return out
+
+
+def input_sensitivity(final: str, dataset: str, windows: int = 96, seed: int = 0) -> dict:
+    """What a VLA's chunk depends on, offline: on ``windows`` windows of ``dataset``, the mean squared change of the
+    predicted chunk (normalized units, real dimensions and steps, fixed noise) when each window's image is swapped
+    for another window's, and when its history is; plus the error to the true chunk.
+
+    A policy that barely reacts to the image but strongly to the history has learned to continue its own past
+    actions ("copycat"): fine offline, where the history is the expert's, and poor in closed loop.
+    """
+    import torch
+
+    from modeling_actprior.data import IMAGE, VLAWindowDataset, collate_windows, load_lerobot_dataset
+    from modeling_actprior.viz import load_vla
+
+    model, processor = load_vla(final)
+    ds = load_lerobot_dataset(dataset)
+    pc = model.config.prior_config
+    data = VLAWindowDataset(ds, model.normalizer, history=pc.history_length, chunk=pc.chunk_size)
+    idx = np.random.default_rng(seed).choice(len(data), size=min(windows, len(data)), replace=False)
+    samples = [data[int(i)] for i in idx]
+    camera = next(iter(samples[0][IMAGE]))
+    images = [s[IMAGE][camera] for s in samples]
+    other = np.roll(np.arange(len(samples)), 1)
+
+    def predict(rows, imgs):
+        batch = collate_windows([{k: v for k, v in r.items() if k != IMAGE} for r in rows])
+        batch.update(processor(images=imgs, text=[r["instruction"] for r in rows]))
+        noise = torch.randn(len(rows), pc.chunk_size, pc.max_action_dim, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            return model.predict_action(**batch, noise=noise), batch
+
+    base, batch = predict(samples, images)
+    swapped_image, _ = predict(samples, [images[j] for j in other])
+    swapped_history, _ = predict([dict(r, history=samples[j]["history"], history_mask=samples[j]["history_mask"])
+                                  for r, j in zip(samples, other)], images)
+    w = batch["action_mask"][..., None].float() * batch["dim_mask"][:, None, :].float()
+
+    def mse(a, b):
+        return float((((a - b) ** 2) * w).sum() / w.sum())
+
+    return {"windows": len(samples), "mse_to_truth": mse(base, batch["actions"]),
+            "change_when_image_swapped": mse(base, swapped_image),
+            "change_when_history_swapped": mse(base, swapped_history)}
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -385,6 +441,16 @@ def summarize(out: str, budget: Budget) -> dict:
                 n = sum(r["steps"][-1]["tasks"][t][1] for r in runs.values())
                 tasks[t] = {"success_rate": k / n if n else 0.0, "ci95": list(wilson_interval(k, n))}
             per_variant[variant] = {"seeds": sorted(runs), "curve": curve, "final": curve[-1], "tasks": tasks}
+            sens = []
+            for seed in runs:
+                path = os.path.join(out, "stage2", stage2_name(demos, variant, largest, seed, largest), "sensitivity.json")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        sens.append(json.load(f))
+            if sens:
+                per_variant[variant]["sensitivity"] = {k: float(np.mean([x[k] for x in sens])) for k in
+                                                       ("mse_to_truth", "change_when_image_swapped",
+                                                        "change_when_history_swapped")}
         base = per_variant.get(BASELINE)
         for v in per_variant.values():
             target = base["final"]["success_rate"] if base else None
@@ -509,6 +575,16 @@ def markdown_summary(summary: dict) -> str:
                   f"{', '.join(str(c['step']) for c in next(iter(per_variant.values()))['curve'])}):", "",
                   markdown_table(rows, ["variant", "final success", "per seed", "success by step",
                                         "steps to scratch's final"]), ""]
+        sens = [{"variant": VARIANT_LABELS.get(v, v), "offline MSE": f"{x['sensitivity']['mse_to_truth']:.3f}",
+                 "change when the image is swapped": f"{x['sensitivity']['change_when_image_swapped']:.3f}",
+                 "change when the history is swapped": f"{x['sensitivity']['change_when_history_swapped']:.3f}"}
+                for v, x in per_variant.items() if "sensitivity" in x]
+        if sens:
+            lines += ["What each final policy's chunk depends on (offline, 96 demonstration windows, mean over seeds; "
+                      "mean squared change of the normalized chunk when the window's image, or its history, is "
+                      "swapped with another window's; `study.input_sensitivity`):", "",
+                      markdown_table(sens, ["variant", "offline MSE", "change when the image is swapped",
+                                            "change when the history is swapped"]), ""]
     if summary["scaling"]:
         rows = [{"Stage-1 episodes per task": size, "corpus frames": r.get("frames", "?"),
                  "prior held-out MSE": f"{r['prior_mse']:.3f}" if "prior_mse" in r else "?",
@@ -534,19 +610,36 @@ def run_study(out: str, budget: Budget, jobs: int | None = None, threads: int = 
             raise ValueError(f"{out} holds a study of another budget ({budget_path}); pick another --out or delete it.")
     with open(budget_path, "w") as f:
         json.dump(dataclasses.asdict(budget), f, indent=2)
-    t0 = time.time()
+    # Seconds of each phase, kept from the run that did its work (a rerun that reuses it does not overwrite it).
+    timings_path = os.path.join(out, "timings.json")
     timings = {}
-    data = generate_data(out, budget, workers, seed)
-    timings["generate_s"] = time.time() - t0
+    if os.path.isfile(timings_path):
+        with open(timings_path) as f:
+            timings = json.load(f)
+
+    def timed(key, work_to_do, fn, *a):
+        t = time.time()
+        result = fn(*a)
+        if work_to_do or key not in timings:
+            timings[key] = time.time() - t
+            with open(timings_path, "w") as f:
+                json.dump(timings, f, indent=2)
+        return result
+
+    pending = [os.path.join(out, "data", "stage1", sim) for sim, _ in stage1_corpus_plan(budget)]
+    pending = any(not os.path.isdir(p) for p in [*pending, os.path.join(out, "data", "demos")])
+    data = timed("generate_s", pending, generate_data, out, budget, workers, seed)
     stage1_jobs, stage2_jobs = plan_jobs(out, budget, data, threads)
-    t1 = time.time()
-    failed = run_jobs(stage1_jobs, jobs, threads, "stage 1 priors")
-    timings["stage1_s"] = time.time() - t1
+    failed = timed("stage1_s", any(not os.path.isfile(j.done) for j in stage1_jobs), run_jobs, stage1_jobs, jobs,
+                   threads, "stage 1 priors")
     if failed:
-        raise RuntimeError(f"Stage-1 jobs failed: {failed}; see their logs under {out}/stage1/.")
-    t2 = time.time()
-    failed = run_jobs(stage2_jobs, jobs, threads, "stage 2 runs + closed loop")
-    timings["stage2_s"] = time.time() - t2
+        raise RuntimeError(f"Stage-1 jobs failed: {failed}; see their logs under {out}/logs/.")
+    failed = timed("stage2_s", any(not os.path.isfile(j.done) for j in stage2_jobs), run_jobs, stage2_jobs, jobs,
+                   threads, "stage 2 runs + closed loop")
+    for job in stage2_jobs:
+        run = os.path.dirname(job.done)
+        if os.path.isfile(job.done) and "--final-only" not in job.argv:
+            sensitivity_file(run, data["demos"])
     summary = summarize(out, budget)
     summary["failed_jobs"] = failed
     summary["timings"] = timings

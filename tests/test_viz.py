@@ -127,3 +127,14 @@ def test_wrong_inputs_fail_with_what_to_pass_instead(run, tmp_path, capsys):
                      str(tmp_path / "o")]) == 2
     assert "error: --model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_input_sensitivity_measures_what_the_chunk_depends_on(run):
+    from modeling_actprior.study import input_sensitivity
+
+    final, demos = os.path.join(run["run"], "final"), os.path.join(run["demos"], "sawyer")
+    a = input_sensitivity(final, demos, windows=12)
+    assert a == input_sensitivity(final, demos, windows=12)  # fixed windows and noise
+    assert a["windows"] == 12 and a["mse_to_truth"] > 0
+    # This VLA reads both the image and the history token, so swapping either changes its chunks.
+    assert a["change_when_image_swapped"] > 0 and a["change_when_history_swapped"] > 0
