@@ -259,6 +259,15 @@ def _stage2_section(out: str, summary: dict, figures: dict, latents: str | None)
     if offline:
         lines += ["Offline, on held-out demonstration episodes (normalized units):", "",
                   markdown_table(offline, ["variant", "seed", "embodiment", "held-out MSE", "repeat-last MSE"]), ""]
+    for demos, per_variant in summary["demos"].items():
+        for variant, v in per_variant.items():
+            size = b["stage1_sizes"][-1]
+            for seed in v["seeds"]:
+                curve = os.path.join("stage2", stage2_name(int(demos), variant, size, seed, size), "final",
+                                     "loss_curve.png")
+                if os.path.isfile(os.path.join(out, curve)):
+                    lines += [f"Training losses, {VARIANT_LABELS.get(variant, variant)} (seed {seed}):", "",
+                              f"![stage-2 loss, {variant}]({curve})", ""]
     if latents:
         with open(os.path.join(latents, "latent_alignment.json")) as f:
             lat = json.load(f)
