@@ -81,8 +81,9 @@ def run_quickstart(args: argparse.Namespace) -> int:
     summary = run_study(out, budget, jobs=args.jobs, workers=args.workers, seed=args.seed)
     figures = write_figures(out, summary)
     latents = None
-    full = os.path.join(out, "stage2", stage2_name(budget.demos[0], "full", budget.stage1_sizes[0], args.seed,
-                                                   budget.stage1_sizes[0]))
+    with_prior = next((v for v in budget.variants if v != "scratch"), None)
+    full = os.path.join(out, "stage2", stage2_name(budget.demos[0], with_prior or "full", budget.stage1_sizes[0],
+                                                   args.seed, budget.stage1_sizes[0]))
     if os.path.isdir(os.path.join(full, "final")):
         from modeling_actprior.viz import visualize_latents
 
@@ -91,7 +92,7 @@ def run_quickstart(args: argparse.Namespace) -> int:
             print("[quickstart] drawing the latent alignment of the VLA trained with the prior")
             visualize_latents(full, [os.path.join(out, "data", "demos")], latents_dir, num_windows=96, progress=False)
         latents = latents_dir
-    timings = dict(summary.get("timings", {}), total_s=time.time() - t0)
+    timings = dict(summary.get("timings", {}), this_run_s=time.time() - t0)
     report = write_report(out, os.path.join(prior_dir(out, budget, budget.stage1_sizes[0]), "final"), timings,
                           summary=summary, figures=figures, latents=latents)
     print(f"[quickstart] done in {time.time() - t0:.0f} s; report: {report}")
@@ -215,7 +216,8 @@ def write_report(out: str, final: str, timings: dict, summary: dict | None = Non
         "",
         f"Checkpoint: `{os.path.relpath(final, out)}` (load with `AutoModel.from_pretrained`).",
         "",
-        "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) if timings else "",
+        "Timings (s; phases reused from an earlier run of the same folder keep that run's time): "
+        + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in timings.items()) if timings else "",
     ]
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
@@ -224,7 +226,7 @@ def write_report(out: str, final: str, timings: dict, summary: dict | None = Non
 
 
 def _stage2_section(out: str, summary: dict, figures: dict, latents: str | None) -> list[str]:
-    from modeling_actprior.study import VARIANT_LABELS, markdown_summary, stage2_name
+    from modeling_actprior.study import VARIANT_LABELS, VARIANTS, markdown_summary, stage2_name
     from modeling_actprior.training import markdown_table
 
     b = summary["budget"]
@@ -233,7 +235,10 @@ def _stage2_section(out: str, summary: dict, figures: dict, latents: str | None)
         "",
         f"Both VLAs ({b['stage2_preset']} preset) train for {b['stage2_steps']} steps on the same "
         f"{b['demos'][0]} demonstrations per task, with the same seed, optimizer and data order; the only "
-        "difference is the prior (decoder reuse, early latent distillation, history token). Each checkpoint is "
+        "difference is the prior: "
+        + "; ".join(f"{VARIANT_LABELS.get(v, v)} (`train_stage2.py --baseline {VARIANTS[v]}`)" for v in b["variants"])
+        + ". The full method's history token is measured in `benchmarks/prior_vs_scratch.py` (see the README). "
+        "Each checkpoint is "
         f"rolled out {b['eval_episodes']} times per task in Meta-World on evaluation seeds the demonstrations never "
         "used. Intervals are 95% Wilson intervals over episodes.",
         "",

@@ -620,7 +620,7 @@ def run_study(out: str, budget: Budget, jobs: int | None = None, threads: int = 
     def timed(key, work_to_do, fn, *a):
         t = time.time()
         result = fn(*a)
-        if work_to_do or key not in timings:
+        if work_to_do:
             timings[key] = time.time() - t
             with open(timings_path, "w") as f:
                 json.dump(timings, f, indent=2)
