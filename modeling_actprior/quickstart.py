@@ -13,7 +13,7 @@
 
 This is the prior-vs-scratch study (``modeling_actprior/study.py``) at its smallest budget; every step is skipped
 when its output already exists (rerun after an interruption to continue; ``--fresh`` starts over). Defaults fit a
-2-core CPU in about fifteen minutes.
+2-core CPU in about ten minutes.
 """
 
 from __future__ import annotations
