@@ -22,8 +22,13 @@ Sections (CPU, one process, threads pinned with --threads):
 
 Variants compared are interleaved within each repetition (their order rotates), warm-up calls are not timed, and
 every figure is a median with its interquartile range; ratios are medians of per-repetition (paired) ratios.
+Contention: every repetition of every comparison also times a fixed probe (16 small linear layers); the probe's
+median over its best time ("inflation") says how much other work on the machine slowed that comparison, and a run
+whose worst inflation exceeds 1.3 is flagged as contended (rerun it when the machine is quieter).
 Writes JSON (default ``benchmarks/results/speed.json``; ``speed_quick.json`` with ``--quick``; ``speed_gpu.json`` with
-``--gpu-7b``) and prints markdown tables and the goals as PASS/FAIL lines. A benchmark, not a test.
+``--gpu-7b``) and the same report as a markdown file beside it (``speed.md``...: command, machine, threads, then the
+tables, fit to include verbatim in the README), and prints the tables and the goals as PASS/FAIL lines. A
+benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ GOAL_PI0_RATIO = 0.5
 GOAL_FLOW_SHARE = 0.20
 GOAL_HISTORY_OVERHEAD = 0.03
 GOAL_LOADER_RATIO = 10.0
+
+#: A run whose contention probe's median exceeds its best time by more than this factor is flagged as contended.
+CONTENTION_LIMIT = 1.3
 
 
 def parse_args(argv=None):
@@ -105,23 +113,53 @@ def summarize(seconds) -> dict:
 
 
 def paired_ratio(a, b) -> dict:
-    """Median and IQR of per-repetition ratios a_i / b_i (the two were timed back to back in repetition i)."""
+    """Median and IQR of per-repetition ratios a_i / b_i (the two were timed back to back in repetition i), and a
+    bootstrap 95% interval of that median: how finely the run resolves the ratio."""
     r = np.asarray(a, dtype=float) / np.asarray(b, dtype=float)
     q1, med, q3 = np.percentile(r, [25, 50, 75])
+    boot = np.median(np.random.default_rng(0).choice(r, size=(2000, r.size)), axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"median": round(float(med), 4), "iqr": round(float(q3 - q1), 4), "q1": round(float(q1), 4),
-            "q3": round(float(q3), 4)}
+            "q3": round(float(q3), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)], "n": int(r.size)}
 
 
-def interleave(fns: dict, reps: int, warmup: int, sync=None) -> dict[str, list[float]]:
+#: Probe timings per comparison (``interleave(..., label=...)``), summarized into the result's ``contention``.
+PROBES: dict[str, list[float]] = {}
+
+
+def _probe_workload():
+    """A fixed CPU workload shaped like the models' (16 small linear + GELU + LayerNorm layers: short kernels, each a
+    parallel region on all threads): its time varies only with what else the machine runs."""
+    import torch
+    import torch.nn.functional as F
+
+    x, w = torch.ones(32, 256), torch.full((256, 256), 1.0 / 256)
+
+    def probe():
+        with torch.inference_mode():
+            y = x
+            for _ in range(16):
+                y = F.layer_norm(F.gelu(F.linear(y, w)), (256,))
+        return y
+
+    return probe
+
+
+def interleave(fns: dict, reps: int, warmup: int, sync=None, label: str | None = None) -> dict[str, list[float]]:
     """Time each callable ``reps`` times, all variants once per repetition, rotating their order; ``warmup``
-    untimed calls of each first. Returns ``{name: [seconds, ...]}``."""
+    untimed calls of each first. Returns ``{name: [seconds, ...]}``. With a ``label`` (CPU runs), the contention
+    probe is timed once per repetition too and kept in ``PROBES[label]``."""
     names = list(fns)
+    probe = _probe_workload() if label else None
     for _ in range(warmup):
         for n in names:
             fns[n]()
+        if probe:
+            probe()
     if sync:
         sync()
     times = {n: [] for n in names}
+    probes = PROBES.setdefault(label, []) if label else None
     for r in range(reps):
         k = r % len(names)
         for n in names[k:] + names[:k]:
@@ -130,7 +168,21 @@ def interleave(fns: dict, reps: int, warmup: int, sync=None) -> dict[str, list[f
             if sync:
                 sync()
             times[n].append(time.perf_counter() - t0)
+        if probe:
+            t0 = time.perf_counter()
+            probe()
+            probes.append(time.perf_counter() - t0)
     return times
+
+
+def contention_summary() -> dict:
+    """Per labelled comparison: the probe's median and best time (ms) and their ratio ("inflation")."""
+    out = {}
+    for label, t in PROBES.items():
+        a = np.asarray(t) * 1e3
+        out[label] = {"median_ms": round(float(np.median(a)), 4), "min_ms": round(float(a.min()), 4),
+                      "inflation": round(float(np.median(a) / a.min()), 3), "n": int(a.size)}
+    return out
 
 
 def fmt(s: dict) -> str:
@@ -139,6 +191,11 @@ def fmt(s: dict) -> str:
 
 def fmt_ratio(r: dict) -> str:
     return f"{r['median']:.2f} [{r['q1']:.2f}, {r['q3']:.2f}]"
+
+
+def fmt_ci(r: dict) -> str:
+    lo, hi = r.get("ci95", (float("nan"), float("nan")))
+    return f"[{lo:.3f}, {hi:.3f}]"
 
 
 def load_average():
@@ -329,7 +386,7 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
 
     parts = []
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as predict_action runs the prefix (and sample_actions its loop)
     def breakdown():
         t0 = time.perf_counter()
         f = robot.preprocess(dict(call), seed=0)
@@ -346,7 +403,7 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
 
     # Same answer through the breakdown path as through the pipeline (the parts are what the pipeline runs).
     ref = ours_pipeline()["actions"]
-    with torch.no_grad():
+    with torch.inference_mode():
         f = robot.preprocess(dict(call), seed=0)
         m, _ = ours.encode(f["input_ids"], f["pixel_values"], f["attention_mask"], f["history"], f["history_mask"],
                            f["dim_mask"], None)
@@ -357,7 +414,7 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
 
     print(f"[latency] {tag}: timing ({args.reps} reps)", flush=True)
     times = interleave({"ours_pipeline": ours_pipeline, "pi0_end_to_end": pi0_end_to_end, "ours_model": ours_model,
-                        "pi0_model": pi0_model, "breakdown": breakdown}, args.reps, args.warmup)
+                        "pi0_model": pi0_model, "breakdown": breakdown}, args.reps, args.warmup, label=tag)
     parts = np.asarray(parts[-args.reps:])
     part_names = ["preprocess", "vlm_prefix", "flow_steps", "postprocess"]
     e2e = summarize(times["ours_pipeline"])
@@ -434,7 +491,10 @@ def training_sections(args, tmp) -> dict:
     out["corpus"] = {"datasets": len(corpora), "episodes": sum(c.num_episodes for c in corpora),
                      "frames": sum(c.num_frames for c in corpora), "image_size": 64, "build_s": round(built_s, 2)}
     preset = args.train_preset
-    reps = 2 * args.reps  # the history token's effect is a few percent: twice the repetitions
+    reps = 2 * args.reps
+    # The history token's effect is a few percent: four times the repetitions, so that the 95% interval of the
+    # median ratio is about as narrow as the 3% it is judged against.
+    reps_history = 4 * args.reps
 
     # ---------------------------------------------------------------- 4a: history token, inference latency
     print(f"[history] {preset}: pipeline latency on vs off", flush=True)
@@ -455,7 +515,7 @@ def training_sections(args, tmp) -> dict:
                     "model_on": lambda: robots[True].model.predict_action(**feats[True], num_inference_steps=FLOW_STEPS),
                     "model_off": lambda: robots[False].model.predict_action(**feats[False],
                                                                             num_inference_steps=FLOW_STEPS)},
-                   reps, args.warmup)
+                   reps_history, args.warmup, label="history token, inference")
     out["history_token_inference"] = {
         "preset": preset, "image_size": 64, "chunk": 16,
         "latency": {k: summarize(v) for k, v in t.items()},
@@ -479,9 +539,12 @@ def training_sections(args, tmp) -> dict:
     pool = [next(vla_batches) for _ in range(4)]
     opt_args = argparse.Namespace(learning_rate=1e-4, weight_decay=1e-4)
     models, opts = {}, {}
+    torch.manual_seed(0)
+    prior = ap.ActionPriorModel(cfg_on.prior_config)  # random weights: speed does not depend on them
     for on in (True, False):
+        # As train_stage2.py builds it: around the prior (its encoder is the teacher and the history encoder).
         torch.manual_seed(0)
-        models[on] = ap.VLAWithPriorForAction(vla_config(preset, args.vlm_family, 64, 16, history_token=on)).train()
+        models[on] = ap.VLAWithPriorForAction.from_prior(prior, cfg_on.vlm_config, history_token=on).train()
         opts[on] = build_optimizer(models[on], opt_args)
     counter = itertools.count()
 
@@ -498,7 +561,8 @@ def training_sections(args, tmp) -> dict:
 
     t = interleave({"train_on": train_step(True), "train_off": train_step(False),
                     "loader_vla_collator": lambda: next(vla_batches),
-                    "loader_collate_windows": lambda: next(raw_batches)}, reps, args.warmup)
+                    "loader_collate_windows": lambda: next(raw_batches)}, reps_history, args.warmup,
+                   label="stage 2 training")
     m = models[True]
 
     def fwd_bwd():
@@ -509,6 +573,7 @@ def training_sections(args, tmp) -> dict:
     step_ms = summarize(t["train_on"])["median_ms"]
     out["history_token_training"] = {
         "preset": preset, "batch_size": 8, "kd_weight_at_step": m.config.distill_lambda(0),
+        "teacher_reused": bool(m.teacher_is_history_encoder()) if hasattr(m, "teacher_is_history_encoder") else False,
         "step_ms": {"on": summarize(t["train_on"]), "off": summarize(t["train_off"])},
         "ratio_on_off": paired_ratio(t["train_on"], t["train_off"]),
         "trainable_params": {"on": models[True].num_trainable_parameters(),
@@ -551,7 +616,7 @@ def training_sections(args, tmp) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t = interleave({"train": stage1_step, "loader": lambda: next(batches)}, reps, args.warmup)
+    t = interleave({"train": stage1_step, "loader": lambda: next(batches)}, reps, args.warmup, label="stage 1 training")
     s1_flops, _ = count_flops(lambda: prior(**pool[0]).loss.backward())
     prior.zero_grad(set_to_none=True)
     step_ms = summarize(t["train"])["median_ms"]
@@ -618,13 +683,14 @@ def report_cpu(result) -> str:
         hi, ht = tr["history_token_inference"], tr["history_token_training"]
         out.append(f"\n### 4. History token on vs off ({hi['preset']}, 64 px, chunk 16)")
         out.append(md_table(
-            ["measure", "on (ms)", "off (ms)", "on/off (paired) [IQR]"],
+            ["measure", "on (ms)", "off (ms)", "on/off (paired) [IQR]", "95% interval of the median"],
             [["pipeline latency", fmt(hi["latency"]["pipeline_on"]), fmt(hi["latency"]["pipeline_off"]),
-              fmt_ratio(hi["ratio_pipeline_on_off"])],
+              fmt_ratio(hi["ratio_pipeline_on_off"]), fmt_ci(hi["ratio_pipeline_on_off"])],
              ["predict_action", fmt(hi["latency"]["model_on"]), fmt(hi["latency"]["model_off"]),
-              fmt_ratio(hi["ratio_model_on_off"])],
-             [f"Stage-2 train step (batch 8, λ={ht['kd_weight_at_step']:g})", fmt(ht["step_ms"]["on"]),
-              fmt(ht["step_ms"]["off"]), fmt_ratio(ht["ratio_on_off"])]]))
+              fmt_ratio(hi["ratio_model_on_off"]), fmt_ci(hi["ratio_model_on_off"])],
+             [f"Stage-2 train step (batch 8, λ={ht['kd_weight_at_step']:g}"
+              f"{', teacher reused' if ht.get('teacher_reused') else ''})", fmt(ht["step_ms"]["on"]),
+              fmt(ht["step_ms"]["off"]), fmt_ratio(ht["ratio_on_off"]), fmt_ci(ht["ratio_on_off"])]]))
         s1, s2 = tr["stage1"], tr["stage2"]
         out.append("\n### 5. Training throughput vs the data loader (same run; rates from median step / batch times, "
                    "total-time rates in brackets)")
@@ -654,9 +720,33 @@ def report_cpu(result) -> str:
             rows.append([f"{k} fwd+bwd ({tr[k]['preset']})",
                          f"{tr[k]['achieved_gflops']:.2f} ({100 * tr[k]['achieved_gflops'] / mach['peak_gflops']:.1f}% of peak)"])
     out.append(md_table(["measure", "GFLOP/s"], rows))
+    cont = result.get("contention") or {}
+    if cont:
+        out.append(f"\n### Contention (a fixed probe of 16 small layers timed in every repetition: median / best; "
+                   f"> {CONTENTION_LIMIT} flags the run)")
+        out.append(md_table(["comparison", "probe median ms", "probe best ms", "inflation"],
+                            [[k, f"{c['median_ms']:.3f}", f"{c['min_ms']:.3f}", f"{c['inflation']:.2f}"]
+                             for k, c in cont.items()]))
+        if result.get("contended"):
+            out.append("\n**This run was contended** (other work on the machine): rerun when it is quiet.")
     out.append("\n### Goals")
-    out += [f"{'PASS' if g['pass'] else 'FAIL'}: {g['goal']}: {g['value']}" for g in result["goals"]]
+    out += [f"- {'PASS' if g['pass'] else 'FAIL'}: {g['goal']}: {g['value']}" for g in result["goals"]]
     return "\n".join(out)
+
+
+def markdown_header(result) -> str:
+    """Command, machine and threads of a run: the lines that go above its tables."""
+    m = result["machine"]
+    lines = [f"Measured with `{result['command'].strip()}` on {m.get('cpu_model', 'a CPU')} ({m['cpu_count']} cores), "
+             f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}, "
+             f"{m['torch_threads']} intra-op / {m['torch_interop_threads']} inter-op threads; load average "
+             f"{m.get('load_average_start')} at the start, {m.get('load_average_end')} at the end; "
+             f"wall time {result['wall_s']:.0f} s."]
+    if "reps" in result:
+        lines.append(f"Each figure: median ± IQR over {result['reps']} interleaved repetitions after {result['warmup']} "
+                     "untimed warm-up calls (history token on/off: four times as many; training vs loader: twice); "
+                     "ratios: median of per-repetition ratios with its bootstrap 95% interval.")
+    return "\n".join(lines)
 
 
 def goals_cpu(result) -> list[dict]:
@@ -676,8 +766,11 @@ def goals_cpu(result) -> list[dict]:
         for name, r in (("inference (pipeline)", tr["history_token_inference"]["ratio_pipeline_on_off"]),
                         ("inference (predict_action)", tr["history_token_inference"]["ratio_model_on_off"]),
                         ("training step", tr["history_token_training"]["ratio_on_off"])):
+            ci = r.get("ci95", [r["median"], r["median"]])
             goals.append({"goal": f"history token overhead <= {GOAL_HISTORY_OVERHEAD:.0%}, {name}",
-                          "value": f"{100 * (r['median'] - 1):+.1f}% (IQR of ratio {r['iqr']:.3f})",
+                          "value": f"{100 * (r['median'] - 1):+.1f}% (95% interval of the median "
+                                   f"[{100 * (ci[0] - 1):+.1f}%, {100 * (ci[1] - 1):+.1f}%], IQR of ratio "
+                                   f"{r['iqr']:.3f})",
                           "measured": r["median"] - 1, "pass": r["median"] - 1 <= GOAL_HISTORY_OVERHEAD})
         for k in ("stage1", "stage2"):
             r = tr[k]["loader_over_training"]
@@ -686,10 +779,21 @@ def goals_cpu(result) -> list[dict]:
     return goals
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def machine_info(threads=None) -> dict:
     import torch
 
-    return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(), "requested_threads": threads,
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": __import__("transformers").__version__, "load_average_start": load_average()}
@@ -713,6 +817,9 @@ def run_cpu(args) -> dict:
     mm_end = [matmul_gflops(n) for n in (512, 1024)]
     peak = max(m["median_gflops"] for m in mm_start + mm_end)
     result["machine_limit"] = {"start": mm_start, "end": mm_end, "peak_gflops": peak}
+    result["contention"] = contention_summary()
+    worst = max((c["inflation"] for c in result["contention"].values()), default=1.0)
+    result["contended"] = worst > CONTENTION_LIMIT
     result["goals"] = goals_cpu(result)
     result["machine"]["load_average_end"] = load_average()
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -934,7 +1041,10 @@ def main(argv=None):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out} ({result['wall_s']} s)")
+    md = os.path.splitext(args.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(markdown_header(result) + "\n\n" + text + "\n")
+    print(f"\nwrote {args.out} and {md} ({result['wall_s']} s)")
     return result
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -83,11 +84,84 @@ class ActionPriorOutput(ModelOutput):
 
 # --------------------------------------------------------------------------------------------- blocks
 def sinusoidal_time_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """``(B,)`` flow times in [0, 1] -> ``(B, dim)`` sin/cos features (times are scaled by 1000 first)."""
+    """Flow times in [0, 1] of any shape ``(...)`` -> ``(..., dim)`` sin/cos features (times are scaled by 1000
+    first)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    args = 1000.0 * t.float()[..., None] * freqs
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+
+
+#: Inputs of 2 to this many rows go through a plain ``nn.Linear`` as ``weight @ x.T`` (see ``_linear``).
+_FEW_ROWS = 16
+
+
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; a plain ``nn.Linear`` is applied through its parameters, which skips the module call (several
+    microseconds at batch 1 on a CPU, paid by every layer of every flow step). Any other layer (a LoRA or quantized
+    wrapper) is called as a module.
+
+    A few rows (the modulations of all flow steps of one chunk, a small batch) are multiplied as
+    ``(weight @ x.T).T``: the BLAS kernel for a transposed weight is up to twice as slow on so few rows.
+    """
+    if type(layer) is not nn.Linear:
+        return layer(x)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 1 < rows <= _FEW_ROWS and layer.bias is not None and x.device.type == "cpu":
+        y = torch.addmm(layer.bias[:, None], layer.weight, x.reshape(rows, -1).t()).t()
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _layer_norm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for an ``nn.LayerNorm`` without the module call (see ``_linear``)."""
+    if type(layer) is nn.LayerNorm:
+        return F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+    return layer(x)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` for an ``nn.Sequential(Linear, SiLU, Linear)`` without the module calls (see ``_linear``)."""
+    if type(mlp) is nn.Sequential and len(mlp) == 3 and type(mlp[1]) is nn.SiLU:
+        return _linear(mlp[2], F.silu(_linear(mlp[0], x)))
+    return mlp(x)
+
+
+#: Up to this many values, GELU on a CPU runs ATen's own kernel rather than oneDNN's (see ``_gelu``).
+_SMALL_GELU = 8192
+
+
+def _gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``F.gelu(x)``. On a CPU, torch hands a contiguous float32 input of exact GELU to oneDNN, whose per-call setup
+    (~10 us) dwarfs the work on the few hundred values of one flow step; a transposed view of the same values runs
+    ATen's vectorized kernel instead: the same exact (erf) GELU, to rounding."""
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[-1] % 2 == 0 and x.numel() <= _SMALL_GELU:
+        b = x.shape[0]
+        return F.gelu(x.view(b, 2, -1).transpose(1, 2), approximate=approximate).transpose(1, 2).reshape(b, -1)
+    return F.gelu(x, approximate=approximate)
+
+
+def _first_token_output(layer: nn.Module, h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """``layer(h, src_key_padding_mask=pad)[:, 0]`` ``(B, d)`` for a pre-norm ``nn.TransformerEncoderLayer``, computing
+    the query, attention output and MLP of the first position only (the others contribute their keys and values).
+    Any other layer runs whole."""
+    attn = getattr(layer, "self_attn", None)
+    if (type(layer) is not nn.TransformerEncoderLayer or not layer.norm_first or type(attn) is not nn.MultiheadAttention
+            or not attn.batch_first or not attn._qkv_same_embed_dim or attn.in_proj_bias is None
+            or attn.bias_k is not None or attn.add_zero_attn):
+        return layer(h, src_key_padding_mask=pad)[:, 0]
+    b, t, d = h.shape
+    heads = attn.num_heads
+    a = F.layer_norm(h, layer.norm1.normalized_shape, layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
+    q = F.linear(a[:, 0], attn.in_proj_weight[:d], attn.in_proj_bias[:d]).view(b, heads, 1, d // heads)
+    k, v = F.linear(a, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).view(b, t, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :],
+                                       dropout_p=attn.dropout if layer.training else 0.0)
+    x = h[:, 0] + layer.dropout1(F.linear(o.reshape(b, d), attn.out_proj.weight, attn.out_proj.bias))
+    y = F.layer_norm(x, layer.norm2.normalized_shape, layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
+    y = _linear(layer.linear1, y)
+    y = _gelu(y) if layer.activation is F.gelu else layer.activation(y)
+    return x + layer.dropout2(_linear(layer.linear2, layer.dropout(y)))
 
 
 class ActionHistoryEncoder(nn.Module):
@@ -143,14 +217,21 @@ class ActionHistoryEncoder(nn.Module):
             summary = summary + self.state_in(state.to(h.dtype))[:, None, :]
         h = torch.cat([summary, h], dim=1)
         pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=h.device), ~history_mask.bool()], dim=1)
-        h = self.layers(h, src_key_padding_mask=pad)
-        stats = self.to_latent(self.norm(h[:, 0]))
+        *layers, last = self.layers.layers
+        for layer in layers:
+            h = layer(h, src_key_padding_mask=pad)
+        # Only the summary token's output is read: the last layer computes the other positions' keys and values.
+        stats = self.to_latent(self.norm(_first_token_output(last, h, pad)))
         mean, logvar = stats.chunk(2, dim=-1)
         return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)
 
 
 class ModulatedResidualBlock(nn.Module):
-    """LayerNorm -> scale/shift from the conditioning -> MLP -> gated residual (adaLN-Zero style)."""
+    """LayerNorm -> scale/shift from the conditioning -> MLP -> gated residual (adaLN-Zero style).
+
+    Its layers are applied through their parameters (``_linear``), so forward hooks on them do not fire; hook the
+    decoder itself.
+    """
 
     def __init__(self, width: int, cond_width: int, dropout: float):
         super().__init__()
@@ -158,9 +239,87 @@ class ModulatedResidualBlock(nn.Module):
         self.modulation = nn.Linear(cond_width, 3 * width)
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * width, width))
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def modulate(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Conditioning ``(..., cond_width)`` -> ``(1 + scale, shift, gate)``, each ``(..., width)``."""
         scale, shift, gate = self.modulation(cond).chunk(3, dim=-1)
-        return h + gate * self.mlp(self.norm(h) * (1 + scale) + shift)
+        return 1 + scale, shift, gate
+
+    def forward(self, h: torch.Tensor, modulation: tuple[torch.Tensor, ...] | torch.Tensor) -> torch.Tensor:
+        """``h`` ``(B, width)``; ``modulation`` from ``modulate``, each ``(B, width)``, or ``(width,)`` when shared by
+        the whole batch (then scale and shift are the layer norm's affine: one fused op); or the conditioning itself,
+        modulated here."""
+        one_plus_scale, shift, gate = self.modulate(modulation) if torch.is_tensor(modulation) else modulation
+        norm = self.norm
+        if one_plus_scale.dim() == 1 and type(norm) is nn.LayerNorm and norm.weight is None and norm.bias is None:
+            y = F.layer_norm(h, norm.normalized_shape, one_plus_scale, shift, norm.eps)
+        else:
+            y = torch.addcmul(shift, _layer_norm(norm, h), one_plus_scale)
+        up, act, drop, down = self.mlp
+        y = _linear(up, y)
+        y = _gelu(y, act.approximate) if type(act) is nn.GELU else act(y)
+        if drop.p > 0 and drop.training:
+            y = drop(y)
+        return torch.addcmul(h, gate, _linear(down, y))
+
+
+class PlainBlockWeights(NamedTuple):
+    """One ``ModulatedResidualBlock`` of plain layers, as the tensors a flow step needs (weights transposed)."""
+
+    up_bias: torch.Tensor
+    up_weight_t: torch.Tensor
+    down_bias: torch.Tensor
+    down_weight_t: torch.Tensor
+    norm_eps: float
+    approximate: str  # the GELU's
+    dropout: float  # the MLP's dropout probability when training, else 0
+
+
+class PlainDecoderWeights(NamedTuple):
+    """The decoder's layers resolved once per conditioning, when every one is a plain ``nn.Linear`` / ``nn.LayerNorm``
+    / ``nn.GELU`` / ``nn.Dropout``: each flow step then runs ``addmm`` / ``layer_norm`` / ``gelu`` / ``addcmul`` on
+    these tensors directly, without module calls or per-layer checks."""
+
+    input_weight_t: torch.Tensor  # (H * D_max, width): x_in's columns of the chunk's values
+    blocks: tuple[PlainBlockWeights, ...]
+    out_bias: torch.Tensor
+    out_weight_t: torch.Tensor
+    out_norm_eps: float
+
+
+@dataclass
+class DecoderConditioning:
+    """Everything of the velocity field ``v(x_t, t, z)`` that does not depend on ``x_t``.
+
+    Built by ``FlowMatchingActionDecoder.conditioning`` for one flow time per sample (training), or for all flow
+    steps of a chunk at once (sampling: the scheduler knows the times before the first step), in which case
+    ``steps()`` splits it into one conditioning per step, as views.
+
+    Args:
+        latent (`(B, width)`): the latent's embedding, added to the residual stream at the input.
+        dim_mask (`(B, D_max)`): the dimension mask in the decoder's dtype; ``chunk_mask``: the same, ``(B, 1, D_max)``.
+        modulation: per block, ``(1 + scale, shift, gate)``, each ``(B, width)``, or ``(S, B, width)`` for ``S``
+            flow steps (``(width,)`` per step when ``B = 1``).
+        weights: the decoder's layers as plain tensors (``PlainDecoderWeights``), or None when one of them is not a
+            plain layer (a LoRA or quantized wrapper...): then each step calls the modules.
+        input_bias (`(B, width)`): with ``weights``, the input layer's output on the dimension mask, plus its bias
+            and the latent's embedding: each step's input layer is one ``addmm`` on the chunk's values.
+    """
+
+    latent: torch.Tensor
+    dim_mask: torch.Tensor
+    chunk_mask: torch.Tensor
+    modulation: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    weights: PlainDecoderWeights | None = None
+    input_bias: torch.Tensor | None = None
+
+    def steps(self) -> list[DecoderConditioning]:
+        """The per-step conditionings of one built for ``S`` flow steps (views, no copies)."""
+        shared = self.latent.shape[0] == 1  # batch 1: one modulation row, fused into the layer norms
+        per_block = [[(m.flatten(1) if shared else m).unbind(0) for m in mod] for mod in self.modulation]
+        n = len(per_block[0][0])
+        return [DecoderConditioning(self.latent, self.dim_mask, self.chunk_mask,
+                                    [tuple(m[i] for m in mod) for mod in per_block], self.weights, self.input_bias)
+                for i in range(n)]
 
 
 class FlowMatchingActionDecoder(nn.Module):
@@ -169,6 +328,11 @@ class FlowMatchingActionDecoder(nn.Module):
     The chunk is flattened and read together with the dimension mask, plus the latent's embedding; flow
     time (sinusoidal) and the latent form the conditioning of ``decoder_layers`` modulated residual MLP blocks. The output is zero
     in padded dimensions.
+
+    The part that does not depend on ``x_t`` (latent embedding, time embedding, every block's modulation, the input
+    layer's share of the dimension mask) is ``conditioning(z, t, dim_mask)``; ``forward`` runs the rest. Sampling
+    builds the conditioning of all flow steps in one batched pass, so each step runs only the ``x_t`` path (see
+    ``integrate_flow``). Forward hooks fire on the decoder, once per velocity evaluation, not on its inner layers.
     """
 
     def __init__(self, config: ActionPriorConfig):
@@ -186,15 +350,62 @@ class FlowMatchingActionDecoder(nn.Module):
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         """The latent's share of the conditioning, ``(B, width)``; constant over the flow steps of one chunk."""
-        return self.latent_mlp(z)
+        return _mlp(self.latent_mlp, z)
+
+    def conditioning(
+        self,
+        z: torch.Tensor | None,
+        t: torch.Tensor,
+        dim_mask: torch.Tensor,
+        latent_condition: torch.Tensor | None = None,
+    ) -> DecoderConditioning:
+        """The ``x_t``-independent part of the velocity field.
+
+        Args:
+            z: ``(B, d_z)`` latent; ignored when ``latent_condition`` (from ``condition(z)``) is given.
+            t: ``(B,)`` one flow time per sample, or ``(S, 1)`` / ``(S, B)`` for ``S`` flow steps at once.
+            dim_mask: ``(B, D_max)`` bool.
+        """
+        latent = latent_condition if latent_condition is not None else self.condition(z)
+        dm = dim_mask.to(latent.dtype)
+        # The latent enters the residual stream directly (it carries where the motion is) and, with flow
+        # time, modulates every block (how to denoise at this t).
+        time = _mlp(self.time_mlp, sinusoidal_time_embedding(t, self.config.time_embedding_dim).to(latent.dtype))
+        cond = F.silu(time + latent)
+        out = DecoderConditioning(latent, dm, dm[:, None, :], [block.modulate(cond) for block in self.blocks])
+        out.weights = self.plain_weights()
+        if out.weights is not None:
+            flat = out.weights.input_weight_t.shape[0]
+            out.input_bias = F.linear(dm, self.x_in.weight[:, flat:], self.x_in.bias) + latent
+        return out
+
+    def plain_weights(self) -> PlainDecoderWeights | None:
+        """The layers as tensors for the flow steps, or None if one of them is not a plain torch layer."""
+        plain = (type(self.x_in) is nn.Linear and self.x_in.bias is not None and type(self.out) is nn.Linear
+                 and self.out.bias is not None and type(self.norm_out) is nn.LayerNorm and self.norm_out.weight is None)
+        blocks = []
+        for block in self.blocks if plain else ():
+            up, act, drop, down = block.mlp
+            if not (type(up) is nn.Linear and type(down) is nn.Linear and up.bias is not None and down.bias is not None
+                    and type(act) is nn.GELU and type(drop) is nn.Dropout and type(block.norm) is nn.LayerNorm
+                    and block.norm.weight is None):
+                return None
+            blocks.append(PlainBlockWeights(up.bias, up.weight.t(), down.bias, down.weight.t(), block.norm.eps,
+                                            act.approximate, drop.p if drop.training else 0.0))
+        if not plain:
+            return None
+        flat = self.config.chunk_size * self.config.max_action_dim
+        return PlainDecoderWeights(self.x_in.weight[:, :flat].t(), tuple(blocks), self.out.bias, self.out.weight.t(),
+                                   self.norm_out.eps)
 
     def forward(
         self,
         x_t: torch.Tensor,
-        t: torch.Tensor,
-        z: torch.Tensor | None,
-        dim_mask: torch.Tensor,
+        t: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+        dim_mask: torch.Tensor | None = None,
         latent_condition: torch.Tensor | None = None,
+        conditioning: DecoderConditioning | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -202,22 +413,32 @@ class FlowMatchingActionDecoder(nn.Module):
             t: ``(B,)`` flow times (1 = noise, 0 = data).
             z: ``(B, d_z)`` latent; ignored when ``latent_condition`` (from ``condition(z)``) is given.
             dim_mask: ``(B, D_max)`` bool.
+            conditioning: from ``conditioning(z, t, dim_mask)`` for this step; replaces ``t``, ``z``, ``dim_mask``.
         Returns:
             velocity ``(B, H, D_max)``, zero in padded dimensions.
         """
-        b = x_t.shape[0]
-        dm = dim_mask.to(x_t.dtype)
-        x = (x_t * dm[:, None, :]).reshape(b, -1)
-        latent = latent_condition if latent_condition is not None else self.condition(z)
-        # The latent enters the residual stream directly (it carries where the motion is) and, with flow
-        # time, modulates every block (how to denoise at this t).
-        h = self.x_in(torch.cat([x, dm], dim=-1)) + latent
-        cond = self.time_mlp(sinusoidal_time_embedding(t, self.config.time_embedding_dim).to(h.dtype))
-        cond = F.silu(cond + latent)
-        for block in self.blocks:
-            h = block(h, cond)
-        v = self.out(self.norm_out(h)).reshape(b, self.config.chunk_size, self.config.max_action_dim)
-        return v * dm[:, None, :]
+        c = conditioning if conditioning is not None else self.conditioning(z, t, dim_mask, latent_condition)
+        b, mask, w = x_t.shape[0], c.chunk_mask, c.weights
+        x = (x_t * mask).reshape(b, -1)
+        if w is None:  # some layer is wrapped: call the modules
+            h = _linear(self.x_in, torch.cat([x, c.dim_mask], dim=-1)) + c.latent
+            for block, modulation in zip(self.blocks, c.modulation):
+                h = block.forward(h, modulation)
+            v = _linear(self.out, _layer_norm(self.norm_out, h))
+        else:  # the same computation on the resolved tensors
+            h = torch.addmm(c.input_bias, x, w.input_weight_t)
+            shape = h.shape[-1:]
+            for (b1, w1, b2, w2, eps, approximate, p), (one_plus_scale, shift, gate) in zip(w.blocks, c.modulation):
+                if one_plus_scale.dim() == 1:  # shared by the batch: the layer norm's affine
+                    y = F.layer_norm(h, shape, one_plus_scale, shift, eps)
+                else:
+                    y = torch.addcmul(shift, F.layer_norm(h, shape, None, None, eps), one_plus_scale)
+                y = _gelu(torch.addmm(b1, y, w1), approximate)
+                if p > 0:
+                    y = F.dropout(y, p, True)
+                h = torch.addcmul(h, gate, torch.addmm(b2, y, w2))
+            v = torch.addmm(w.out_bias, F.layer_norm(h, shape, None, None, w.out_norm_eps), w.out_weight_t)
+        return v.view(b, self.config.chunk_size, self.config.max_action_dim) * mask
 
 
 # --------------------------------------------------------------------------------------------- flow math
@@ -261,20 +482,26 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
                    generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Noise -> chunk ``(B, H, D_max)`` float32 through ``decoder`` given latents ``z`` ``(B, d_z)``.
 
-    The latent's conditioning is computed once per chunk; only the decoder runs per flow step, on a private
-    copy of ``scheduler`` (safe across threads) whose state stays float32 whatever the decoder's dtype.
+    The flow times are known before the first step, so the decoder's conditioning for all of them (latent and time
+    embeddings, every block's modulation) is built in one batched pass; each flow step then runs only the
+    ``x_t``-dependent path, with no host synchronization. The loop runs under ``torch.inference_mode`` on a private
+    copy of ``scheduler`` (safe across threads) whose state stays float32 whatever the decoder's dtype; the returned
+    chunk is an ordinary tensor.
     """
     b, dev = z.shape[0], z.device
-    run = scheduler.for_run(num_inference_steps, device=dev)
-    shape = (b, chunk_size, dim_mask.shape[-1])
-    x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32) if noise is None else noise.float()
-    x = x * dim_mask[:, None, :]
-    dtype = decoder.out.weight.dtype
-    latent_condition = decoder.condition(z.to(dtype))
-    for t in run.timesteps:
-        v = decoder(x.to(dtype), t.expand(b).to(dtype), None, dim_mask, latent_condition=latent_condition)
-        x = run.step(v, t, x).prev_sample
-    return x * dim_mask[:, None, :]
+    mask = dim_mask[:, None, :]
+    with torch.inference_mode():
+        run = scheduler.for_run(num_inference_steps, device=dev)
+        shape = (b, chunk_size, dim_mask.shape[-1])
+        x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32) if noise is None else noise.float()
+        x = x * mask
+        dtype = decoder.out.weight.dtype
+        timesteps = run.timesteps.unbind(0)
+        steps = decoder.conditioning(z.to(dtype), run.timesteps.to(dtype)[:, None], dim_mask).steps()
+        for t, conditioning in zip(timesteps, steps):
+            v = decoder(x.to(dtype), conditioning=conditioning)
+            x = run.step(v, t, x, return_dict=False)[0]
+    return x * mask
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -143,6 +143,8 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
             self.history_projection = nn.Linear(d_z, d_text)
         # Set by the training script each optimizer step when forward gets no `step`.
         self.register_buffer("training_step", torch.zeros((), dtype=torch.long), persistent=False)
+        # Memo of teacher_is_history_encoder(): the encoders' tensor versions it was computed for, and the answer.
+        self._teacher_check_key, self._teacher_check_result = None, False
         self.scheduler = FlowMatchingActionScheduler(num_inference_steps=prior.num_inference_steps)
         self.normalizer: ActionNormalizer | None = None
         self.post_init()
@@ -309,6 +311,7 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         history_mask: torch.Tensor | None = None,
         dim_mask: torch.Tensor | None = None,
         state: torch.Tensor | None = None,
+        history_posterior: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The VLM's input sequence: prompt embeddings with image features merged, then the history token (if
         ``config.history_token``), then the latent query.
@@ -319,6 +322,7 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
             attention_mask: ``(B, L)``, 1 for real tokens.
             history: ``(B, K', D_max)`` normalized, padded past actions; ``history_mask`` ``(B, K')`` bool.
             dim_mask: ``(B, D_max)`` bool; ``state``: ``(B, max_state_dim)`` standardized current state, or None.
+            history_posterior: ``history_posterior(history, ...)`` when the caller already has it.
         Returns:
             ``(inputs_embeds (B, L + 1 [+ 1], text_hidden), attention_mask (B, L + 1 [+ 1]))``.
         """
@@ -344,30 +348,75 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
                     "This VLA reads a history token (config.history_token=True) but got no history. Pass the past "
                     "actions (normalized, padded; zero steps with history_mask False at an episode start)."
                 )
-            extra.insert(0, self.history_token(history, history_mask, dim_mask, state)[:, None].to(embeds.dtype))
+            token = self.history_token(history, history_mask, dim_mask, state, posterior=history_posterior)
+            extra.insert(0, token[:, None].to(embeds.dtype))
         embeds = torch.cat([embeds, *extra], dim=1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, len(extra))], dim=1)
+        extra_mask = attention_mask.new_ones(b, len(extra))
+        if self.config.history_token and self.training and self.config.history_dropout > 0:
+            # Hide the history token from a random share of samples (see config.history_dropout).
+            keep = torch.rand(b, device=embeds.device) >= self.config.history_dropout
+            extra_mask[:, 0] = keep.to(extra_mask.dtype)
+        attention_mask = torch.cat([attention_mask, extra_mask], dim=1)
         return embeds, attention_mask
 
-    def history_token(self, history, history_mask=None, dim_mask=None, state=None) -> torch.Tensor:
-        """Past actions ``(B, K', D_max)`` -> one token ``(B, text_hidden)``: projected encoder latent mean."""
+    def history_posterior(self, history, history_mask=None, dim_mask=None, state=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history encoder's ``q(z | a_<t)`` on past actions ``(B, K', D_max)``: ``(mean, logvar)``, each ``(B, d_z)``.
+        A frozen encoder runs without autograd."""
         b, k = history.shape[:2]
         history_mask = torch.ones(b, k, dtype=torch.bool, device=history.device) if history_mask is None else history_mask
         dim_mask = self._default_dim_mask(b, history.device) if dim_mask is None else dim_mask
-        dtype = self.history_projection.weight.dtype
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_history_encoder):
-            mean, _ = self.history_encoder(history.to(dtype), history_mask, dim_mask, state)
-        return self.history_projection(mean)
+        history = history.to(self.history_projection.weight.dtype)
+        if self.config.freeze_history_encoder and torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.history_encoder(history, history_mask, dim_mask, state)
+        return self.history_encoder(history, history_mask, dim_mask, state)
+
+    def history_token(self, history, history_mask=None, dim_mask=None, state=None, posterior=None) -> torch.Tensor:
+        """Past actions ``(B, K', D_max)`` -> one token ``(B, text_hidden)``: projected encoder latent mean.
+        ``posterior``: ``history_posterior(history, ...)`` when already computed."""
+        if posterior is None:
+            posterior = self.history_posterior(history, history_mask, dim_mask, state)
+        return self.history_projection(posterior[0])
+
+    def teacher_is_history_encoder(self) -> bool:
+        """Whether the teacher's ``p_prior(z | a_<t)`` equals the history encoder's posterior on the same window, so
+        Stage-2 training can reuse the latter instead of running the teacher again.
+
+        True only when it provably does: the history token is on with a frozen encoder, both encoders are in eval
+        mode, read the history in the same dtype, and hold equal weights (as ``from_prior`` makes them: both are the
+        prior's encoder). The weight comparison runs once and again only when a tensor of either encoder is replaced
+        or modified in place (its storage or version counter changes), so loading other weights into one of them
+        switches the reuse off. Sharded parameters (empty outside their forward) never count as equal.
+        """
+        c = self.config
+        if not (c.history_token and c.freeze_history_encoder) or self.teacher.training or self.history_encoder.training:
+            return False
+        if self.history_projection.weight.dtype != self.action_head.out.weight.dtype:
+            return False  # the two read the history cast to these dtypes
+        mine = [*self.history_encoder.named_parameters(), *self.history_encoder.named_buffers()]
+        theirs = [*self.teacher.named_parameters(), *self.teacher.named_buffers()]
+        # Inference tensors keep no version counter: without one, compare every time.
+        key = None if any(t.is_inference() for _, t in mine + theirs) else \
+            tuple((n, t.data_ptr(), t._version) for n, t in mine + theirs)
+        if key is None or key != self._teacher_check_key:
+            self._teacher_check_key = key
+            self._teacher_check_result = len(mine) == len(theirs) and all(
+                na == nb and a.numel() > 0 and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                for (na, a), (nb, b) in zip(mine, theirs)
+            )
+        return self._teacher_check_result
 
     def encode(self, input_ids, pixel_values, attention_mask=None, history=None, history_mask=None, dim_mask=None,
-               state=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One VLM forward -> ``(mean, logvar)`` of ``p_VLM(z | observation, instruction, history)``, each ``(B, d_z)``."""
+               state=None, history_posterior=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One VLM forward -> ``(mean, logvar)`` of ``p_VLM(z | observation, instruction, history)``, each ``(B, d_z)``.
+        ``history_posterior``: ``history_posterior(history, ...)`` when the caller already has it."""
         embeds, mask = self.prefix_embeddings(input_ids, pixel_values, attention_mask, history, history_mask,
-                                              dim_mask, state)
+                                              dim_mask, state, history_posterior)
         offset = _POSITION_OFFSET.get(self.config.vlm_config.model_type, 0)
         # Positions count real tokens only, so left padding never shifts a sample's positions.
         position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0) + offset
-        hidden = self.vlm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        hidden = self.vlm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                          use_cache=False).last_hidden_state
         stats = self.latent_readout(hidden[:, -1].to(self.latent_readout.weight.dtype)).float()
         mean, logvar = stats.chunk(2, dim=-1)
         pc = self.config.prior_config
@@ -413,7 +462,11 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         if history is not None and history_mask is None:
             history_mask = torch.ones(history.shape[:2], dtype=torch.bool, device=dev)
         self._check_action_inputs(history, history_mask, dim_mask, actions)
-        mean, logvar = self.encode(input_ids, pixel_values, attention_mask, history, history_mask, dim_mask, state)
+        posterior = None
+        if self.config.history_token and history is not None:
+            posterior = self.history_posterior(history, history_mask, dim_mask, state)
+        mean, logvar = self.encode(input_ids, pixel_values, attention_mask, history, history_mask, dim_mask, state,
+                                   history_posterior=posterior)
         if actions is None:
             out = VLAWithPriorOutput(latent_mean=mean, latent_logvar=logvar)
             return out if return_dict else out.to_tuple()
@@ -437,8 +490,12 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         if lam > 0:
             if history is None:
                 raise ValueError("Latent distillation (lambda > 0) needs the window's history for the teacher.")
-            with torch.no_grad():
-                prior_mean, prior_logvar = self.teacher(history.to(head_dtype), history_mask, dim_mask, state)
+            if posterior is not None and self.teacher_is_history_encoder():
+                # The frozen history encoder is the teacher, weight for weight: its posterior is the teacher's.
+                prior_mean, prior_logvar = posterior[0].detach(), posterior[1].detach()
+            else:
+                with torch.no_grad():
+                    prior_mean, prior_logvar = self.teacher(history.to(head_dtype), history_mask, dim_mask, state)
             kd_loss = gaussian_kl_between(mean, logvar, prior_mean.float(), prior_logvar.float()).mean()
         loss = bc_loss + lam * kd_loss if lam > 0 else bc_loss
         out = VLAWithPriorOutput(
@@ -494,7 +551,8 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         b, dev = input_ids.shape[0], input_ids.device
         dim_mask = self._default_dim_mask(b, dev) if dim_mask is None else dim_mask
         self._check_action_inputs(history, history_mask, dim_mask)
-        mean, _ = self.encode(input_ids, pixel_values, attention_mask, history, history_mask, dim_mask, state)
+        with torch.inference_mode():  # internal only: the chunk returned is an ordinary tensor
+            mean, _ = self.encode(input_ids, pixel_values, attention_mask, history, history_mask, dim_mask, state)
         return self.sample_actions(mean, dim_mask, num_inference_steps, generator, noise, scheduler)
 
     @torch.no_grad()

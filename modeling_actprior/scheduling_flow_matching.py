@@ -79,15 +79,22 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
         if n <= 0:
             raise ValueError(f"num_inference_steps must be a positive integer; got {num_inference_steps}.")
         self.num_inference_steps = n
-        self.sigmas = torch.linspace(self.config.t_max, self.config.t_min, n + 1, dtype=torch.float32, device=device)
+        # Built on the CPU, where the step sizes are read once as Python floats: `step` then never reads a
+        # device tensor back to the host.
+        sigmas = torch.linspace(self.config.t_max, self.config.t_min, n + 1, dtype=torch.float32, device="cpu")
         if self.config.solver == "heun":
             # Predictor at sigma_i, corrector at sigma_{i+1}; the last corrector would evaluate at t_min
             # where the flow ends, which diffusers' Heun also skips (it falls back to Euler there).
-            self.timesteps = torch.cat([self.sigmas[:1], self.sigmas[1:-1].repeat_interleave(2)])
+            timesteps = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2)])
         else:
-            self.timesteps = self.sigmas[:-1].clone()
+            timesteps = sigmas[:-1].clone()
+        self._sigma_values = sigmas.tolist()
+        self._timestep_values = timesteps.tolist()
+        self.sigmas = sigmas.to(device) if device is not None else sigmas
+        self.timesteps = timesteps.to(device) if device is not None else timesteps
         self._step_index = 0
         self._heun_state = None  # (x at sigma_i, v at sigma_i) between predictor and corrector
+        self._euler = self.config.solver == "euler"
 
     def for_run(self, num_inference_steps: int | None = None, device=None) -> FlowMatchingActionScheduler:
         """A private copy with its timesteps set, so concurrent samplers never share step state."""
@@ -113,36 +120,35 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
 
         Args:
             model_output: velocity ``v(x_t, t)`` of shape ``(B, H, D)``, any float dtype.
-            timestep: the flow time the model was evaluated at (``self.timesteps[self.step_index]``).
+            timestep: the flow time the model was evaluated at, ``self.timesteps[self.step_index]``. As in diffusers'
+                flow-matching schedulers, the step reads its times from its own grid at ``step_index``, so a
+                device tensor here is never read back to the host.
             sample: ``x_t`` of shape ``(B, H, D)``.
         Returns:
             ``prev_sample`` at the next flow time, float32.
         """
-        if self._step_index >= len(self.timesteps):
+        i = self._step_index
+        if i >= len(self._timestep_values):
             raise RuntimeError(
                 "FlowMatchingActionScheduler.step called more times than there are timesteps; call "
                 "set_timesteps (or use for_run) before each sampling run."
             )
         v = model_output.float()
         x = sample.float()
-        i = self._step_index
-        if self.config.solver == "euler":
-            t, t_next = self.sigmas[i], self.sigmas[i + 1]
-            prev = x + (t_next - t) * v
+        sigmas = self._sigma_values
+        if self._euler:
+            prev = torch.add(x, v, alpha=sigmas[i + 1] - sigmas[i])
         elif self._heun_state is None:
             interval = (i + 1) // 2
-            t, t_next = self.sigmas[interval], self.sigmas[interval + 1]
-            prev = x + (t_next - t) * v
+            prev = torch.add(x, v, alpha=sigmas[interval + 1] - sigmas[interval])
             if interval + 1 < self.num_inference_steps:  # a corrector follows
                 self._heun_state = (x, v)
         else:
             x0, v0 = self._heun_state
             interval = i // 2
-            t, t_next = self.sigmas[interval], self.sigmas[interval + 1]
-            prev = x0 + (t_next - t) * 0.5 * (v0 + v)
+            prev = torch.add(x0, v0 + v, alpha=0.5 * (sigmas[interval + 1] - sigmas[interval]))
             self._heun_state = None
-        t_now = torch.as_tensor(timestep, dtype=torch.float32, device=x.device)
-        pred_original = x - t_now * v
+        pred_original = torch.add(x, v, alpha=-self._timestep_values[i])
         self._step_index += 1
         if not return_dict:
             return (prev, pred_original)

@@ -26,7 +26,8 @@ Inputs (one sample, or lists for a batch):
 Output: a dict (a list of dicts for a batch) with ``actions`` ``(chunk_size, action_dim)`` raw, ``embodiment``,
 ``action_names``, ``fps``, ``chunk_size`` and ``control_mode``.
 
-Every call samples with its own scheduler copy (``scheduler.for_run``), so one pipeline may serve many threads.
+Every call samples with its own scheduler copy (``scheduler.for_run``), so one pipeline may serve many threads. The
+model runs under ``torch.inference_mode`` (outputs are numpy arrays).
 
 This file is copied next to exported checkpoints (``custom_pipelines`` in config.json) and loaded with
 ``trust_remote_code=True`` where ``modeling_actprior`` is not installed, so it imports only transformers, torch,
@@ -84,6 +85,10 @@ class RobotActionPipeline(Pipeline):
         preprocess = {k: v for k, v in (("seed", seed), ("generator", generator), ("camera", camera)) if v is not None}
         forward = {"num_inference_steps": num_inference_steps} if num_inference_steps is not None else {}
         return preprocess, forward, {}
+
+    def get_inference_context(self):
+        """``torch.inference_mode``: the model's outputs leave the pipeline as numpy arrays, never into autograd."""
+        return torch.inference_mode
 
     @property
     def normalizer(self):
@@ -198,6 +203,10 @@ class RobotActionPipeline(Pipeline):
             s = torch.as_tensor(np.asarray(s, dtype=np.float32)).reshape(-1)
             if s.shape[0] > width:
                 raise ValueError(f"state has {s.shape[0]} values; this checkpoint reads at most max_state_dim={width}.")
+            if not torch.isfinite(s).all():
+                d = int(torch.nonzero(~torch.isfinite(s))[0, 0])
+                raise ValueError(f"state {i} contains NaN or inf (dimension {d}, value {s[d].item()}); pass the "
+                                 "robot's measured state, finite in every dimension.")
             out[i, : s.shape[0]] = s
         return out
 

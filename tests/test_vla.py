@@ -266,7 +266,7 @@ def test_save_load_and_remote_code_give_identical_actions(prior, tmp_path):
         m = AutoModel.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
         assert "transformers_modules" in type(m).__module__, type(m).__module__
         assert m.normalizer is not None and m.scheduler is not None
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        inputs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)
         out = m.predict_action(**inputs, generator=torch.Generator().manual_seed(5))
         torch.save(out, {str(tmp_path / 'out.pt')!r})
     """)
@@ -274,7 +274,7 @@ def test_save_load_and_remote_code_give_identical_actions(prior, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+    assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)
 
 
 def test_exported_vla_code_files_import_only_their_siblings(prior, tmp_path):
