@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -132,7 +132,6 @@ class Job:
     argv: list[str]
     done: str
     log: str
-    after: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------- plan
@@ -192,7 +191,7 @@ def generate_data(out: str, budget: Budget, workers: int, seed: int) -> dict[str
     return {"stage1": stage1, "demos": demos}
 
 
-def plan_jobs(out: str, budget: Budget, data: dict, threads: int = 1) -> tuple[list[Job], list[Job]]:
+def plan_jobs(out: str, budget: Budget, data: dict) -> tuple[list[Job], list[Job]]:
     """The Stage-1 jobs (one prior per corpus size) and the Stage-2 jobs (train + closed loop)."""
     stage1_jobs, stage2_jobs = [], []
     largest = max(budget.stage1_sizes)
@@ -221,7 +220,7 @@ def plan_jobs(out: str, budget: Budget, data: dict, threads: int = 1) -> tuple[l
                     if size != largest:
                         argv.append("--final-only")
                     stage2_jobs.append(Job(f"stage2/{name}", argv, os.path.join(run, "closed_loop.json"),
-                                           os.path.join(out, "logs", f"{name}.log"), after=[f"stage1/size{size}"]))
+                                           os.path.join(out, "logs", f"{name}.log")))
     return stage1_jobs, stage2_jobs
 
 
@@ -322,17 +321,20 @@ def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0, final_only: bo
 
     found = find_run(run)
     by_step = dict(found.checkpoints)
-    model, processor = load_vla(found.final)
+    model = processor = None  # loaded on first need; `loaded_step` says whose weights it holds
+    loaded_step = None
     out = {"run": run, "steps": []}
     for step in budget.eval_steps[-1:] if final_only else budget.eval_steps:
         path = os.path.join(run, f"closed_loop_step{step:06d}.json")
         if not os.path.isfile(path):
-            if step != budget.stage2_steps:
-                if step not in by_step:
-                    raise FileNotFoundError(f"{run}: no checkpoint of step {step} to evaluate (have {sorted(by_step)}).")
-                load_checkpoint_weights(model, by_step[step])
-            else:
+            if step != budget.stage2_steps and step not in by_step:
+                raise FileNotFoundError(f"{run}: no checkpoint of step {step} to evaluate (have {sorted(by_step)}).")
+            if model is None or (step == budget.stage2_steps and loaded_step != step):
                 model, processor = load_vla(found.final)
+                loaded_step = budget.stage2_steps
+            if step != budget.stage2_steps:
+                load_checkpoint_weights(model, by_step[step])
+                loaded_step = step
             robot = pipeline("robot-action", model=model, processor=processor, device="cpu")
             # One evaluation scene set for every run: seeds of the study, not of the training run.
             evaluate(f"{run}@{step}", sim="metaworld", tasks=budget.tasks, episodes=budget.eval_episodes, out=path,
@@ -629,7 +631,7 @@ def run_study(out: str, budget: Budget, jobs: int | None = None, threads: int = 
     pending = [os.path.join(out, "data", "stage1", sim) for sim, _ in stage1_corpus_plan(budget)]
     pending = any(not os.path.isdir(p) for p in [*pending, os.path.join(out, "data", "demos")])
     data = timed("generate_s", pending, generate_data, out, budget, workers, seed)
-    stage1_jobs, stage2_jobs = plan_jobs(out, budget, data, threads)
+    stage1_jobs, stage2_jobs = plan_jobs(out, budget, data)
     failed = timed("stage1_s", any(not os.path.isfile(j.done) for j in stage1_jobs), run_jobs, stage1_jobs, jobs,
                    threads, "stage 1 priors")
     if failed:
