@@ -34,14 +34,14 @@ def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     report = (out / "report.md").read_text()
     assert "Stage 1: the action prior on held-out episodes" in report and "| sawyer |" in report
     assert "from scratch vs with the action prior, in closed loop" in report
-    assert "no prior (random action head)" in report and "full method (+ history token)" in report
+    assert "no prior (random action head)" in report and "decoder reuse + early latent distillation" in report
     for png in ("stage1_errors.png", "success_vs_steps.png", "final_success.png", "latents/cosine_matrix.png"):
         assert (out / png).stat().st_size > 0, png
     stage1 = json.loads((out / "stage1" / "final" / "eval_results.json").read_text())
     assert {"sawyer", "panda", "kuka_iiwa"} <= {d["embodiment"] for d in stage1["corpus"]["datasets"]}
     assert {"sawyer", "kuka_iiwa"} <= set(stage1["evaluation"])  # one robosuite episode: none held out
     summary = json.loads((out / "summary.json").read_text())
-    curve = summary["demos"]["2"]["full"]["curve"]
+    curve = summary["demos"]["2"]["decoder+kd"]["curve"]
     assert [c["step"] for c in curve] == [2, 4] and all(c["episodes"] == 1 for c in curve)
     # a rerun reuses everything it already has
     weights = [out / "stage1" / "final" / "model.safetensors",
