@@ -241,7 +241,7 @@ class ModulatedResidualBlock(nn.Module):
 
     def modulate(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Conditioning ``(..., cond_width)`` -> ``(1 + scale, shift, gate)``, each ``(..., width)``."""
-        scale, shift, gate = self.modulation(cond).chunk(3, dim=-1)
+        scale, shift, gate = _linear(self.modulation, cond).chunk(3, dim=-1)
         return 1 + scale, shift, gate
 
     def forward(self, h: torch.Tensor, modulation: tuple[torch.Tensor, ...] | torch.Tensor) -> torch.Tensor:
@@ -312,14 +312,17 @@ class DecoderConditioning:
     weights: PlainDecoderWeights | None = None
     input_bias: torch.Tensor | None = None
 
+    def step_modulations(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+        """Per flow step, every block's ``(1 + scale, shift, gate)`` of a conditioning built for ``S`` steps (views,
+        no copies); ``(width,)`` each at batch 1 (fused into the layer norms), else ``(B, width)``."""
+        shared = self.latent.shape[0] == 1
+        per_block = [[(m.flatten(1) if shared else m).unbind(0) for m in mod] for mod in self.modulation]
+        return [list(step) for step in zip(*(zip(*mod) for mod in per_block))]
+
     def steps(self) -> list[DecoderConditioning]:
         """The per-step conditionings of one built for ``S`` flow steps (views, no copies)."""
-        shared = self.latent.shape[0] == 1  # batch 1: one modulation row, fused into the layer norms
-        per_block = [[(m.flatten(1) if shared else m).unbind(0) for m in mod] for mod in self.modulation]
-        n = len(per_block[0][0])
-        return [DecoderConditioning(self.latent, self.dim_mask, self.chunk_mask,
-                                    [tuple(m[i] for m in mod) for mod in per_block], self.weights, self.input_bias)
-                for i in range(n)]
+        return [DecoderConditioning(self.latent, self.dim_mask, self.chunk_mask, mod, self.weights, self.input_bias)
+                for mod in self.step_modulations()]
 
 
 class FlowMatchingActionDecoder(nn.Module):
@@ -347,6 +350,25 @@ class FlowMatchingActionDecoder(nn.Module):
         )
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False)
         self.out = nn.Linear(width, flat)
+        self._grid_time = (None, None)  # (key, time conditioning): see grid_time_condition
+
+    def time_condition(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Flow times ``(...)`` -> their share of the conditioning ``(..., width)``."""
+        emb = sinusoidal_time_embedding(t, self.config.time_embedding_dim)
+        return _mlp(self.time_mlp, emb.to(dtype or self.out.weight.dtype))
+
+    def grid_time_condition(self, times: list[float], dtype: torch.dtype, device) -> torch.Tensor:
+        """``time_condition`` of a sampler's time grid (Python floats, one per flow step), ``(S, 1, width)``, without
+        autograd. The same grid serves every chunk, so it is computed once and again only when the grid, dtype,
+        device or a weight of the time MLP changes."""
+        params = list(self.time_mlp.parameters())
+        key = None if any(p.is_inference() for p in params) else (
+            tuple(times), dtype, str(device), tuple((p.data_ptr(), p._version) for p in params))
+        if key is None or self._grid_time[0] != key:
+            with torch.no_grad():
+                t = torch.tensor(times, dtype=torch.float32, device=device)[:, None]
+                self._grid_time = (key, self.time_condition(t, dtype))
+        return self._grid_time[1]
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         """The latent's share of the conditioning, ``(B, width)``; constant over the flow steps of one chunk."""
@@ -358,19 +380,21 @@ class FlowMatchingActionDecoder(nn.Module):
         t: torch.Tensor,
         dim_mask: torch.Tensor,
         latent_condition: torch.Tensor | None = None,
+        time_condition: torch.Tensor | None = None,
     ) -> DecoderConditioning:
         """The ``x_t``-independent part of the velocity field.
 
         Args:
             z: ``(B, d_z)`` latent; ignored when ``latent_condition`` (from ``condition(z)``) is given.
-            t: ``(B,)`` one flow time per sample, or ``(S, 1)`` / ``(S, B)`` for ``S`` flow steps at once.
+            t: ``(B,)`` one flow time per sample, or ``(S, 1)`` / ``(S, B)`` for ``S`` flow steps at once; ignored
+                when ``time_condition`` (from ``time_condition(t)``) is given.
             dim_mask: ``(B, D_max)`` bool.
         """
         latent = latent_condition if latent_condition is not None else self.condition(z)
         dm = dim_mask.to(latent.dtype)
         # The latent enters the residual stream directly (it carries where the motion is) and, with flow
         # time, modulates every block (how to denoise at this t).
-        time = _mlp(self.time_mlp, sinusoidal_time_embedding(t, self.config.time_embedding_dim).to(latent.dtype))
+        time = time_condition if time_condition is not None else self.time_condition(t, latent.dtype)
         cond = F.silu(time + latent)
         out = DecoderConditioning(latent, dm, dm[:, None, :], [block.modulate(cond) for block in self.blocks])
         out.weights = self.plain_weights()
@@ -418,27 +442,41 @@ class FlowMatchingActionDecoder(nn.Module):
             velocity ``(B, H, D_max)``, zero in padded dimensions.
         """
         c = conditioning if conditioning is not None else self.conditioning(z, t, dim_mask, latent_condition)
-        b, mask, w = x_t.shape[0], c.chunk_mask, c.weights
+        b, mask = x_t.shape[0], c.chunk_mask
         x = (x_t * mask).reshape(b, -1)
-        if w is None:  # some layer is wrapped: call the modules
+        if c.weights is None:  # some layer is wrapped: call the modules
             h = _linear(self.x_in, torch.cat([x, c.dim_mask], dim=-1)) + c.latent
             for block, modulation in zip(self.blocks, c.modulation):
                 h = block.forward(h, modulation)
             v = _linear(self.out, _layer_norm(self.norm_out, h))
-        else:  # the same computation on the resolved tensors
-            h = torch.addmm(c.input_bias, x, w.input_weight_t)
-            shape = h.shape[-1:]
-            for (b1, w1, b2, w2, eps, approximate, p), (one_plus_scale, shift, gate) in zip(w.blocks, c.modulation):
-                if one_plus_scale.dim() == 1:  # shared by the batch: the layer norm's affine
-                    y = F.layer_norm(h, shape, one_plus_scale, shift, eps)
-                else:
-                    y = torch.addcmul(shift, F.layer_norm(h, shape, None, None, eps), one_plus_scale)
-                y = _gelu(torch.addmm(b1, y, w1), approximate)
-                if p > 0:
-                    y = F.dropout(y, p, True)
-                h = torch.addcmul(h, gate, torch.addmm(b2, y, w2))
-            v = torch.addmm(w.out_bias, F.layer_norm(h, shape, None, None, w.out_norm_eps), w.out_weight_t)
+        else:
+            v = self.plain_velocity(x, c.weights, c.input_bias, c.modulation)
         return v.view(b, self.config.chunk_size, self.config.max_action_dim) * mask
+
+    @staticmethod
+    def plain_velocity(x: torch.Tensor, w: PlainDecoderWeights, input_bias: torch.Tensor,
+                       modulation: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The velocity on plain weights ``w`` (a conditioning's ``weights``, ``input_bias`` and one step's
+        ``modulation``), as ``(B, H * D_max)`` NOT yet masked: ``x`` is the flattened chunk ``(B, H * D_max)``,
+        already zero in padded dimensions. The same computation as the modules', on the resolved tensors."""
+        h = torch.addmm(input_bias, x, w.input_weight_t)
+        shape = h.shape[-1:]
+        for (b1, w1, b2, w2, eps, approximate, p), (one_plus_scale, shift, gate) in zip(w.blocks, modulation):
+            if one_plus_scale.dim() == 1:  # shared by the batch: the layer norm's affine
+                y = F.layer_norm(h, shape, one_plus_scale, shift, eps)
+            else:
+                y = torch.addcmul(shift, F.layer_norm(h, shape, None, None, eps), one_plus_scale)
+            y = _gelu(torch.addmm(b1, y, w1), approximate)
+            if p > 0:
+                y = F.dropout(y, p, True)
+            h = torch.addcmul(h, gate, torch.addmm(b2, y, w2))
+        return torch.addmm(w.out_bias, F.layer_norm(h, shape, None, None, w.out_norm_eps), w.out_weight_t)
+
+
+def _has_forward_hooks(module: nn.Module) -> bool:
+    m = torch.nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks)
 
 
 # --------------------------------------------------------------------------------------------- flow math
@@ -497,11 +535,24 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
         x = x * mask
         dtype = decoder.out.weight.dtype
         timesteps = run.timesteps.unbind(0)
-        steps = decoder.conditioning(z.to(dtype), run.timesteps.to(dtype)[:, None], dim_mask).steps()
-        for t, conditioning in zip(timesteps, steps):
-            v = decoder(x.to(dtype), conditioning=conditioning)
-            x = run.step(v, t, x, return_dict=False)[0]
-    return x * mask
+        time = decoder.grid_time_condition(run.timestep_values, dtype, dev)
+        conditioning = decoder.conditioning(z.to(dtype), None, dim_mask, time_condition=time)
+        step_sizes = run.euler_step_sizes()
+        if step_sizes is not None and conditioning.weights is not None and not _has_forward_hooks(decoder):
+            # Euler on plain layers, fused: each step is the velocity's x_t path and one addcmul, on the flattened
+            # chunk, which stays zero in padded dimensions (the velocity's padded outputs are multiplied by 0).
+            flat = x.reshape(b, -1)
+            flat_mask = mask.expand(shape).reshape(b, -1).to(torch.float32)
+            w, input_bias = conditioning.weights, conditioning.input_bias
+            for modulation, dt in zip(conditioning.step_modulations(), step_sizes):
+                v = decoder.plain_velocity(flat if dtype == torch.float32 else flat.to(dtype), w, input_bias, modulation)
+                flat = torch.addcmul(flat, v.float(), flat_mask, value=dt)
+            x = flat.view(shape)
+        else:
+            for t, step in zip(timesteps, conditioning.steps()):
+                v = decoder(x.to(dtype), conditioning=step)
+                x = run.step(v, t, x, return_dict=False)[0]
+    return x * mask  # outside inference mode: an ordinary tensor
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -103,6 +103,19 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
         return run
 
     @property
+    def timestep_values(self) -> list[float]:
+        """``timesteps`` as Python floats (read without touching a device)."""
+        return list(self._timestep_values)
+
+    def euler_step_sizes(self) -> list[float] | None:
+        """The Euler solver's steps ``t_next - t`` (negative) on the current grid, for samplers that fuse the update
+        ``x + dt * v`` into the model's last layer; None for any other solver (call ``step``)."""
+        if not self._euler:
+            return None
+        s = self._sigma_values
+        return [s[i + 1] - s[i] for i in range(len(s) - 1)]
+
+    @property
     def step_index(self) -> int:
         return self._step_index
 

@@ -140,6 +140,56 @@ def test_scheduler_steps_from_its_own_grid_whatever_tensor_holds_the_time():
     torch.testing.assert_close(pred, x - 0.75 * v)
 
 
+@pytest.mark.parametrize("batch,preset", [(1, "tiny"), (1, "small"), (3, "tiny")])
+def test_the_fused_euler_sampler_gives_the_scheduler_loops_chunk(batch, preset):
+    """Euler on plain layers runs fused (each step one velocity and one addcmul on the flattened chunk); a forward
+    hook on the decoder forces the scheduler's own loop, step by step through ``decoder(...)`` and ``run.step``."""
+    prior = _decoder(chunk=8, preset=preset)
+    g = torch.Generator().manual_seed(4)
+    z, noise = torch.randn(batch, prior.config.latent_dim, generator=g), torch.randn(batch, 8, 32, generator=g)
+    dim_mask = _masks(batch) if batch > 1 else torch.arange(32)[None] < 5  # batch 1: one robot, 5 real dims
+    fused = prior.sample_actions(z, dim_mask, 10, noise=noise)
+    calls = []
+    hook = prior.decoder.register_forward_hook(lambda *a: calls.append(1))
+    loop = prior.sample_actions(z, dim_mask, 10, noise=noise)
+    hook.remove()
+    assert len(calls) == 10  # the hooked run did go through the module, once per step
+    torch.testing.assert_close(fused, loop, atol=1e-6, rtol=1e-6)
+    assert torch.all(fused[~dim_mask[:, None, :].expand_as(fused)] == 0)
+    assert not fused.is_inference() and fused.shape == (batch, 8, 32)
+
+
+def test_the_time_grids_conditioning_is_cached_and_follows_the_time_mlps_weights():
+    prior = _decoder()
+    decoder = prior.decoder
+    times = FlowMatchingActionScheduler().for_run(10).timestep_values
+    with torch.inference_mode():
+        first = decoder.grid_time_condition(times, torch.float32, "cpu")
+        assert decoder.grid_time_condition(times, torch.float32, "cpu") is first  # cached
+        expected = decoder.time_condition(torch.tensor(times)[:, None])
+    torch.testing.assert_close(first, expected)
+    z, noise = torch.randn(1, prior.config.latent_dim), torch.randn(1, 8, 32)
+    before = prior.sample_actions(z, num_inference_steps=10, noise=noise)
+    with torch.no_grad():
+        decoder.time_mlp[0].weight.mul_(1.5)  # in place: the version counter moves
+    with torch.inference_mode():
+        again = decoder.grid_time_condition(times, torch.float32, "cpu")
+        torch.testing.assert_close(again, decoder.time_condition(torch.tensor(times)[:, None]))
+        assert not torch.allclose(again, first)
+        five = decoder.grid_time_condition(times[:5], torch.float32, "cpu")  # another grid
+        assert five.shape[0] == 5
+    assert not torch.allclose(prior.sample_actions(z, num_inference_steps=10, noise=noise), before)
+
+
+def test_euler_step_sizes_are_the_grids_intervals_and_heun_has_none():
+    run = FlowMatchingActionScheduler(t_max=1.0, t_min=0.2).for_run(4)
+    sizes = run.euler_step_sizes()
+    assert len(sizes) == 4 and all(s < 0 for s in sizes)
+    assert sum(sizes) == pytest.approx(-0.8)
+    assert run.timestep_values == pytest.approx([1.0, 0.8, 0.6, 0.4])
+    assert FlowMatchingActionScheduler(solver="heun").for_run(4).euler_step_sizes() is None
+
+
 # ------------------------------------------------------------------------------------------ Stage 2: the teacher
 @pytest.fixture(scope="module")
 def prior():
