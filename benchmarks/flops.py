@@ -3,6 +3,7 @@
 * ``count_flops(fn)``: FLOPs of one call, counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
   convolutions and attention; elementwise ops are not counted, as usual for MFU).
 * ``matmul_gflops(n, ...)``: measured dense matmul rate of this machine, ``2 n^3`` FLOPs per ``n x n`` product.
+* ``stream_gbps(...)``: measured rate at which batch-1 matrix-vector products read weights (the bound of a flow step).
 * ``nominal_peak_tflops(device_name)``: vendor dense bf16 peak of common NVIDIA GPUs (for MFU on a GPU).
 """
 
@@ -49,6 +50,30 @@ def matmul_gflops(n: int, reps: int = 10, warmup: int = 3, dtype=torch.float32, 
             "reps": reps}
 
 
+def stream_gbps(megabytes: int = 32, rows: int = 1024, reps: int = 10, warmup: int = 2) -> dict:
+    """Median GB/s (and IQR) at which batch-1 matrix-vector products read float32 weights on a CPU: one ``1 x rows``
+    vector times each of a list of ``rows x 512`` matrices, ``megabytes`` of them in all (more than the caches hold,
+    as the action head's weights are at each flow step). This bounds any batch-1 flow step: it reads every weight
+    once."""
+    n = max(1, megabytes * 2**20 // (rows * 512 * 4))
+    weights = [torch.randn(rows, 512) for _ in range(n)]
+    x, bias = torch.randn(1, rows), torch.randn(512)
+
+    def sweep():
+        for w in weights:
+            torch.addmm(bias, x, w)
+
+    for _ in range(warmup):
+        sweep()
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sweep()
+        rates.append(n * rows * 512 * 4 / (time.perf_counter() - t0) / 1e9)
+    q1, med, q3 = np.percentile(rates, [25, 50, 75])
+    return {"megabytes": n * rows * 512 * 4 / 2**20, "median_gbps": float(med), "iqr_gbps": float(q3 - q1), "reps": reps}
+
+
 def nominal_peak_tflops(device_name: str) -> float | None:
     """The data-sheet dense bf16 peak for a device name such as ``"NVIDIA H200"``, or None if unknown."""
     for key in sorted(NOMINAL_BF16_TFLOPS, key=len, reverse=True):
@@ -57,4 +82,4 @@ def nominal_peak_tflops(device_name: str) -> float | None:
     return None
 
 
-__all__ = ["NOMINAL_BF16_TFLOPS", "count_flops", "matmul_gflops", "nominal_peak_tflops"]
+__all__ = ["NOMINAL_BF16_TFLOPS", "count_flops", "matmul_gflops", "nominal_peak_tflops", "stream_gbps"]
