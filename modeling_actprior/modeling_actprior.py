@@ -555,6 +555,24 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
     return x * mask  # outside inference mode: an ordinary tensor
 
 
+def check_state(state: torch.Tensor | None, batch: int, max_state_dim: int) -> None:
+    """Refuse a current state the model cannot read: any state when it reads none (``max_state_dim = 0``), a shape other
+    than ``(batch, max_state_dim)`` (standardized, zero-padded), or NaN / inf."""
+    if state is None:
+        return
+    if max_state_dim == 0:
+        raise ValueError(
+            f"Got a state of shape {tuple(state.shape)} but this model reads no state (max_state_dim=0). Drop state, "
+            "or train a prior with max_state_dim > 0 on data that records it."
+        )
+    if state.ndim != 2 or tuple(state.shape) != (batch, max_state_dim):
+        raise ValueError(
+            f"state must be (batch={batch}, max_state_dim={max_state_dim}), standardized and zero-padded; got shape "
+            f"{tuple(state.shape)}."
+        )
+    check_finite(state, "state")
+
+
 # --------------------------------------------------------------------------------------------- models
 class ActionPriorPreTrainedModel(PreTrainedModel):
     config_class = ActionPriorConfig
@@ -641,8 +659,9 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------------------------ checks
-    def _check_inputs(self, history, history_mask, dim_mask, actions=None, action_mask=None):
+    def _check_inputs(self, history, history_mask, dim_mask, actions=None, action_mask=None, state=None):
         c = self.config
+        check_state(state, history.shape[0] if history.ndim == 3 else -1, c.max_state_dim)
         if history.ndim != 3 or history.shape[-1] != c.max_action_dim:
             raise ValueError(
                 f"history must be (batch, steps, max_action_dim={c.max_action_dim}) normalized and padded; got "
@@ -690,7 +709,7 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
         b, k = history.shape[:2]
         history_mask = torch.ones(b, k, dtype=torch.bool, device=history.device) if history_mask is None else history_mask
         dim_mask = torch.ones(b, self.config.max_action_dim, dtype=torch.bool, device=history.device) if dim_mask is None else dim_mask
-        self._check_inputs(history, history_mask, dim_mask)
+        self._check_inputs(history, history_mask, dim_mask, state=state)
         mean, logvar = self.encoder(history, history_mask, dim_mask, state)
         z = mean
         if sample:

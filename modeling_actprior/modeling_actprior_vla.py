@@ -40,6 +40,7 @@ from .modeling_actprior import (
     ActionHistoryEncoder,
     ActionPriorPreTrainedModel,
     FlowMatchingActionDecoder,
+    check_state,
     flow_matching_loss,
     integrate_flow,
     sample_flow_time,
@@ -280,8 +281,9 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
             raise ValueError("This VLA has no LoRA adapters; call apply_lora(...) or build it with lora_r > 0.")
 
     # ------------------------------------------------------------------------------------ checks
-    def _check_action_inputs(self, history, history_mask, dim_mask, actions=None):
+    def _check_action_inputs(self, history, history_mask, dim_mask, actions=None, state=None, batch=None):
         c = self.config.prior_config
+        check_state(state, batch, c.max_state_dim)
         if history is not None:
             if history.ndim != 3 or history.shape[-1] != c.max_action_dim or history.shape[1] > c.history_length:
                 raise ValueError(
@@ -461,7 +463,7 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         dim_mask = self._default_dim_mask(b, dev) if dim_mask is None else dim_mask
         if history is not None and history_mask is None:
             history_mask = torch.ones(history.shape[:2], dtype=torch.bool, device=dev)
-        self._check_action_inputs(history, history_mask, dim_mask, actions)
+        self._check_action_inputs(history, history_mask, dim_mask, actions, state, b)
         posterior = None
         if self.config.history_token and history is not None:
             posterior = self.history_posterior(history, history_mask, dim_mask, state)
@@ -550,7 +552,7 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         """
         b, dev = input_ids.shape[0], input_ids.device
         dim_mask = self._default_dim_mask(b, dev) if dim_mask is None else dim_mask
-        self._check_action_inputs(history, history_mask, dim_mask)
+        self._check_action_inputs(history, history_mask, dim_mask, state=state, batch=b)
         with torch.inference_mode():  # internal only: the chunk returned is an ordinary tensor
             mean, _ = self.encode(input_ids, pixel_values, attention_mask, history, history_mask, dim_mask, state)
         return self.sample_actions(mean, dim_mask, num_inference_steps, generator, noise, scheduler)

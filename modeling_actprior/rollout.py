@@ -19,7 +19,6 @@ with ``video_dir``, GIF (or MP4, where imageio's ffmpeg plugin is installed) rol
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -330,8 +329,9 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
     chart = os.path.splitext(os.path.abspath(out))[0] + "_success.png"
     results["chart"] = os.path.basename(plot_success(results, chart))
     results["videos"] = [os.path.abspath(o.video) for o in all_outcomes if o.video]
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    from modeling_actprior.training import write_json
+
+    write_json(out, results)
     return results
 
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .training import write_json
+
 logger = logging.getLogger("actprior.study")
 
 MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "drawer-close-v3",
@@ -295,8 +297,7 @@ def _stage2_job(args: argparse.Namespace) -> int:
         _training_script("train_stage2").main(argv)
     closed = evaluate_checkpoints(args.run, budget, seed=args.seed, final_only=args.final_only)
     sensitivity_file(args.run, data)
-    with open(os.path.join(args.run, "closed_loop.json"), "w") as f:
-        json.dump(closed, f, indent=2)
+    write_json(os.path.join(args.run, "closed_loop.json"), closed)
     return 0
 
 
@@ -305,8 +306,7 @@ def sensitivity_file(run: str, demos: str) -> dict:
     path = os.path.join(run, "sensitivity.json")
     if not os.path.isfile(path):
         result = input_sensitivity(os.path.join(run, "final"), demos)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(path, result)
     with open(path) as f:
         return json.load(f)
 
@@ -610,8 +610,7 @@ def run_study(out: str, budget: Budget, jobs: int | None = None, threads: int = 
             previous = json.load(f)
         if previous != json.loads(json.dumps(dataclasses.asdict(budget))):
             raise ValueError(f"{out} holds a study of another budget ({budget_path}); pick another --out or delete it.")
-    with open(budget_path, "w") as f:
-        json.dump(dataclasses.asdict(budget), f, indent=2)
+    write_json(budget_path, dataclasses.asdict(budget))
     # Seconds of each phase, kept from the run that did its work (a rerun that reuses it does not overwrite it).
     timings_path = os.path.join(out, "timings.json")
     timings = {}
@@ -624,8 +623,7 @@ def run_study(out: str, budget: Budget, jobs: int | None = None, threads: int = 
         result = fn(*a)
         if work_to_do:
             timings[key] = time.time() - t
-            with open(timings_path, "w") as f:
-                json.dump(timings, f, indent=2)
+            write_json(timings_path, timings)
         return result
 
     pending = [os.path.join(out, "data", "stage1", sim) for sim, _ in stage1_corpus_plan(budget)]
@@ -646,8 +644,7 @@ def run_study(out: str, budget: Budget, jobs: int | None = None, threads: int = 
     summary["failed_jobs"] = failed
     summary["timings"] = timings
     summary["machine"] = {"cpus": os.cpu_count(), "jobs": jobs, "threads_per_job": threads}
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(out, "summary.json"), summary)
     if failed:
         logger.error("%d Stage-2 jobs failed (%s); the summary covers the rest. Rerun to retry them.", len(failed),
                      ", ".join(failed))

@@ -244,6 +244,23 @@ def _exchange(a: str, b: str) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """``json.dump(obj)`` into ``path`` all or nothing: written to a temporary sibling, fsynced, then renamed over
+    ``path``. A run killed while writing leaves the previous file (or none), never half of one, so a file whose
+    presence means "this work is done" (a study's ``closed_loop.json``) is complete whenever it exists."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 @contextlib.contextmanager
 def atomic_folder(path: str) -> Iterator[str]:
     """Write a folder (e.g. ``final/``) all or nothing: the body writes into a temporary sibling that is fsynced

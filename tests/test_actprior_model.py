@@ -248,7 +248,20 @@ def test_current_state_reaches_the_latent_only_when_configured():
     b = with_state.encode(hist, state=torch.ones(2, 5)).mean
     assert not torch.allclose(a, b)
     without = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny")).eval()
-    assert torch.equal(without.encode(hist, state=torch.zeros(2, 5)).mean, without.encode(hist, state=torch.ones(2, 5)).mean)
+    with pytest.raises(ValueError, match=r"reads no state \(max_state_dim=0\)"):
+        without.encode(hist, state=torch.zeros(2, 5))  # silently ignoring it would hide a config mistake
+
+
+def test_a_state_of_the_wrong_shape_or_with_nan_is_refused():
+    model = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", max_state_dim=5)).eval()
+    batch = _batch(model, b=2)
+    with pytest.raises(ValueError, match=r"state must be \(batch=2, max_state_dim=5\).*\(2, 3\)"):
+        model(**batch, state=torch.zeros(2, 3))
+    state = torch.zeros(2, 5)
+    state[1, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"state contains NaN or inf \(first at index \(1, 4\)"):
+        model(**batch, state=state)
+    assert torch.isfinite(model(**batch, state=torch.zeros(2, 5)).loss)
 
 
 def test_truncated_or_tampered_weights_are_refused_with_the_file_named(tiny_prior, tmp_path):

@@ -3,6 +3,7 @@ never leaves a half-written checkpoint; checkpoints hold no pickle; a full disk 
 clear error that keeps what was already saved."""
 
 import errno
+import json
 import os
 import sys
 
@@ -28,7 +29,7 @@ from safetensors.torch import load_file
 from synthetic import make_corpus
 
 from modeling_actprior import ActionPriorModel, training
-from modeling_actprior.training import CHECKPOINT_DIR, atomic_folder, list_checkpoints, verify_checkpoint
+from modeling_actprior.training import CHECKPOINT_DIR, atomic_folder, list_checkpoints, verify_checkpoint, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "training_scripts"))
@@ -205,6 +206,24 @@ def test_final_folder_is_replaced_only_once_the_new_one_is_complete(tmp_path):
         open(os.path.join(folder, "new.txt"), "w").write("new")
     assert os.listdir(final) == ["new.txt"]
     assert os.listdir(tmp_path) == ["final"]
+
+
+def test_a_json_result_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Files whose presence means "done" (a study's closed_loop.json, run_summary.json) are written all or nothing."""
+    path = tmp_path / "closed_loop.json"
+    write_json(str(path), {"success": 0.5})
+    assert json.loads(path.read_text()) == {"success": 0.5}
+    with pytest.raises(TypeError):
+        write_json(str(path), {"success": object()})  # fails halfway through serializing
+    assert json.loads(path.read_text()) == {"success": 0.5}
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        with pytest.raises(OSError, match="No space"):
+            write_json(str(path), {"success": 1.0})
+    assert json.loads(path.read_text()) == {"success": 0.5}
+    assert os.listdir(tmp_path) == ["closed_loop.json"]  # no temporary file left behind
+    write_json(str(path), {"success": 1.0})
+    assert json.loads(path.read_text()) == {"success": 1.0}
 
 
 # ------------------------------------------------------------------------------------------------ generation

@@ -205,6 +205,17 @@ def test_predict_action_runs_the_vlm_once_and_only_the_head_per_flow_step(prior)
     assert torch.all(out[:, :, 4:] == 0)  # sawyer has 4 real dimensions
 
 
+def test_a_state_the_vla_cannot_read_is_refused(prior):
+    """The prior reads no state: a state passed anyway is an error, not silently dropped; NaN in a state is refused
+    like NaN in the history."""
+    vla = _vla(prior).eval()
+    _, inputs, actions = _inputs(vla)
+    with pytest.raises(ValueError, match=r"reads no state \(max_state_dim=0\)"):
+        vla.predict_action(**inputs, state=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"reads no state"):
+        vla(**inputs, actions=actions, state=torch.zeros(2, 3))
+
+
 def test_raw_observation_to_raw_actions_through_the_processor(prior):
     vla = _vla(prior).eval()
     proc, _, _ = _inputs(vla)

@@ -63,6 +63,7 @@ from modeling_actprior.training import (
     start_or_resume,
     to_device,
     validation_loss,
+    write_json,
 )
 
 logger = logging.getLogger("actprior.stage1")
@@ -239,8 +240,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not interrupted:
         result.update(_finish(args, accelerator, model, config, corpus, history, val_sets, train_sets))
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "run_summary.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(args.output_dir, "run_summary.json"), result)
     close_distributed(accelerator)
     return result
 

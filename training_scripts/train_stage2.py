@@ -71,6 +71,7 @@ from modeling_actprior.training import (
     start_or_resume,
     to_device,
     validation_loss,
+    write_json,
 )
 
 logger = logging.getLogger("actprior.stage2")
@@ -302,8 +303,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not interrupted:
         result.update(_finish(args, accelerator, model, processor, corpus, history, val_sets))
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "run_summary.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(os.path.join(args.output_dir, "run_summary.json"), result)
     close_distributed(accelerator)
     return result
 
