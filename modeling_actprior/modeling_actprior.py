@@ -522,7 +522,10 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
 
     The flow times are known before the first step, so the decoder's conditioning for all of them (latent and time
     embeddings, every block's modulation) is built in one batched pass; each flow step then runs only the
-    ``x_t``-dependent path, with no host synchronization. The loop runs under ``torch.inference_mode`` on a private
+    ``x_t``-dependent path, with no host synchronization; the time embeddings of the sampler's grid are computed once
+    per weights (``grid_time_condition``). With the Euler solver, plain layers and no forward hooks on the decoder,
+    each step is the velocity and one ``addcmul`` on the flattened chunk; otherwise each step calls the decoder and
+    ``scheduler.step``. The loop runs under ``torch.inference_mode`` on a private
     copy of ``scheduler`` (safe across threads) whose state stays float32 whatever the decoder's dtype; the returned
     chunk is an ordinary tensor.
     """
