@@ -88,16 +88,11 @@ def main(argv=None) -> int:
 
 def update_readme(path: str, text: str, budget: str) -> None:
     """Replace the block between the markers (the figures are the docs/ copies of this run's PNGs)."""
-    with open(path) as f:
-        readme = f.read()
-    if MARK_START not in readme or MARK_END not in readme:
-        raise SystemExit(f"{path} has no {MARK_START} ... {MARK_END} block to update.")
+    from modeling_actprior.quickstart import replace_readme_block
+
     figs = "\n\n".join(f"![{k}](docs/prior_vs_scratch_{budget}_{k}.png)" for k in ("curves", "final", "scaling")
                        if os.path.isfile(os.path.join(ROOT, "docs", f"prior_vs_scratch_{budget}_{k}.png")))
-    head, rest = readme.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{MARK_START}\n{text}\n{figs}\n{MARK_END}{tail}")
+    replace_readme_block(path, MARK_START, MARK_END, f"{text}\n{figs}")
 
 
 if __name__ == "__main__":

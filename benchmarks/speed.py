@@ -1121,24 +1121,15 @@ def main(argv=None):
         f.write(markdown_header(result) + "\n\n" + text + "\n")
     print(f"\nwrote {args.out} and {md} ({result['wall_s']} s)")
     if args.update_readme:
-        update_readme(str(ROOT / "README.md"), markdown_header(result) + "\n\n" + text)
+        from modeling_actprior.quickstart import replace_readme_block
+
+        replace_readme_block(str(ROOT / "README.md"), README_START, README_END,
+                             markdown_header(result) + "\n\n" + text)
         print("updated README.md")
     return result
 
 
 README_START, README_END = "<!-- speed:start -->", "<!-- speed:end -->"
-
-
-def update_readme(path: str, text: str) -> None:
-    """Replace the README's block between the speed markers with this run's report."""
-    with open(path) as f:
-        readme = f.read()
-    if README_START not in readme or README_END not in readme:
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} block to update.")
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{README_START}\n{text}\n{README_END}{tail}")
 
 
 if __name__ == "__main__":

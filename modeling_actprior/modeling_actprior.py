@@ -537,7 +537,6 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
         x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32) if noise is None else noise.float()
         x = x * mask
         dtype = decoder.out.weight.dtype
-        timesteps = run.timesteps.unbind(0)
         time = decoder.grid_time_condition(run.timestep_values, dtype, dev)
         conditioning = decoder.conditioning(z.to(dtype), None, dim_mask, time_condition=time)
         step_sizes = run.euler_step_sizes()
@@ -552,7 +551,7 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
                 flat = torch.addcmul(flat, v.float(), flat_mask, value=dt)
             x = flat.view(shape)
         else:
-            for t, step in zip(timesteps, conditioning.steps()):
+            for t, step in zip(run.timesteps.unbind(0), conditioning.steps()):
                 v = decoder(x.to(dtype), conditioning=step)
                 x = run.step(v, t, x, return_dict=False)[0]
     return x * mask  # outside inference mode: an ordinary tensor
@@ -664,12 +663,12 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
     # ------------------------------------------------------------------------------------ checks
     def _check_inputs(self, history, history_mask, dim_mask, actions=None, action_mask=None, state=None):
         c = self.config
-        check_state(state, history.shape[0] if history.ndim == 3 else -1, c.max_state_dim)
         if history.ndim != 3 or history.shape[-1] != c.max_action_dim:
             raise ValueError(
                 f"history must be (batch, steps, max_action_dim={c.max_action_dim}) normalized and padded; got "
                 f"shape {tuple(history.shape)}. Pad raw actions with ActionNormalizer.normalize first."
             )
+        check_state(state, history.shape[0], c.max_state_dim)
         if history.shape[1] > c.history_length:
             raise ValueError(
                 f"history has {history.shape[1]} steps but this prior reads at most history_length="

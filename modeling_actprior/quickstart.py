@@ -125,15 +125,21 @@ def update_readme(readme: str, report: str, command: str) -> None:
 
     body = re.sub(r"(!\[[^\]]*\])\(([^)]+)\)", copy, body)
     body = re.sub(r"\[([^\]]+)\]\((latents/index\.html)\)", r"`\1` (in the run folder)", body)
-    with open(readme) as f:
-        text = f.read()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} block to update.")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    with open(readme, "w") as f:
-        f.write(f"{head}{README_START}\nFrom `{command}`, copied from its `report.md` by `--update-readme`:\n\n"
-                f"{body}\n{README_END}{tail}")
+    replace_readme_block(readme, README_START, README_END,
+                         f"From `{command}`, copied from its `report.md` by `--update-readme`:\n\n{body}")
+
+
+def replace_readme_block(path: str, start: str, end: str, text: str) -> None:
+    """Replace what lies between the markers ``start`` and ``end`` of the markdown file ``path`` with ``text`` (the
+    README's generated blocks: quickstart results, the prior-vs-scratch study, the speed report)."""
+    with open(path) as f:
+        readme = f.read()
+    if start not in readme or end not in readme:
+        raise ValueError(f"{path} has no {start} ... {end} block to update.")
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def _training_script(name: str):

@@ -191,17 +191,6 @@ def test_euler_step_sizes_are_the_grids_intervals_and_heun_has_none():
 
 
 # ------------------------------------------------------------------------------------------ Stage 2: the teacher
-@pytest.fixture(scope="module")
-def prior():
-    torch.manual_seed(0)
-    model = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", chunk_size=8, history_length=4))
-    rng = np.random.default_rng(0)
-    norm = ap.ActionNormalizer(model.config.max_action_dim)
-    norm.add_embodiment(ap.get_embodiment("sawyer"), rng.normal(size=(200, 4)))
-    model.normalizer = norm
-    return model.eval()
-
-
 def _batch(vla, b=3, seed=0):
     rng = np.random.default_rng(seed)
     proc = ActionPriorProcessor.from_config(vla.config, vla.normalizer, instructions=["open the drawer"])

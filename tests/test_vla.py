@@ -14,19 +14,6 @@ from modeling_actprior import ActionPriorProcessor, VLAWithPriorConfig, VLAWithP
 INSTRUCTIONS = ["pick up the red cube", "open the drawer", "push the button"]
 
 
-@pytest.fixture(scope="module")
-def prior():
-    """A tiny random prior (chunk 8, history 4) with statistics for a 4-D and an 8-D robot."""
-    torch.manual_seed(0)
-    model = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", chunk_size=8, history_length=4))
-    rng = np.random.default_rng(0)
-    norm = ap.ActionNormalizer(model.config.max_action_dim)
-    norm.add_embodiment(ap.get_embodiment("sawyer"), rng.normal(size=(200, 4)))
-    norm.add_embodiment(ap.get_embodiment("kuka_iiwa"), rng.uniform(-2, 2, size=(200, 8)))
-    model.normalizer = norm
-    return model.eval()
-
-
 def _vla(prior, seed=0, **overrides) -> VLAWithPriorForAction:
     torch.manual_seed(seed)
     return VLAWithPriorForAction.from_prior(prior, "tiny", **overrides)
