@@ -108,8 +108,8 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
         return list(self._timestep_values)
 
     def euler_step_sizes(self) -> list[float] | None:
-        """The Euler solver's steps ``t_next - t`` (negative) on the current grid, for samplers that fuse the update
-        ``x + dt * v`` into the model's last layer; None for any other solver (call ``step``)."""
+        """The Euler solver's steps ``t_next - t`` (negative) on the current grid, for samplers that apply the update
+        ``x + dt * v`` themselves (one fused op per step); None for any other solver (call ``step``)."""
         if not self._euler:
             return None
         s = self._sigma_values
