@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import json
 import os
 import platform
 import sys
@@ -1114,8 +1113,9 @@ def main(argv=None):
         text = report_cpu(result)
     print("\n" + text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    from modeling_actprior.training import write_json
+
+    write_json(args.out, result)  # whole or not at all: a failed write keeps the previous report
     md = os.path.splitext(args.out)[0] + ".md"
     with open(md, "w") as f:
         f.write(markdown_header(result) + "\n\n" + text + "\n")

@@ -313,10 +313,13 @@ class DecoderConditioning:
     input_bias: torch.Tensor | None = None
 
     def step_modulations(self) -> list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
-        """Per flow step, every block's ``(1 + scale, shift, gate)`` of a conditioning built for ``S`` steps (views,
-        no copies); ``(width,)`` each at batch 1 (fused into the layer norms), else ``(B, width)``."""
+        """Per flow step, every block's ``(1 + scale, shift, gate)`` of a conditioning built for ``S`` steps;
+        ``(width,)`` each at batch 1 (fused into the layer norms), else ``(B, width)`` views.
+
+        At batch 1 each ``(S, width)`` tensor is made contiguous once here: the layer norm copies a strided weight or
+        bias on every call otherwise (the modulation layer's output is a transposed view, see ``_linear``)."""
         shared = self.latent.shape[0] == 1
-        per_block = [[(m.flatten(1) if shared else m).unbind(0) for m in mod] for mod in self.modulation]
+        per_block = [[(m.flatten(1).contiguous() if shared else m).unbind(0) for m in mod] for mod in self.modulation]
         return [list(step) for step in zip(*(zip(*mod) for mod in per_block))]
 
     def steps(self) -> list[DecoderConditioning]:

@@ -97,6 +97,24 @@ def test_conditioning_for_all_steps_at_once_equals_one_step_at_a_time():
                                        atol=1e-6, rtol=1e-6)
 
 
+def test_batch_one_step_modulations_are_contiguous_and_hold_each_steps_values():
+    """At batch 1 the per-step scale / shift become the layer norms' weight and bias: contiguous, so the layer norm
+    does not copy them on every step; and each is that step's row of the modulation."""
+    prior = _decoder()
+    decoder = prior.decoder
+    z, dim_mask = torch.randn(1, prior.config.latent_dim), _masks(1)
+    times = FlowMatchingActionScheduler().for_run(10).timesteps
+    with torch.no_grad():
+        c = decoder.conditioning(z, times[:, None], dim_mask)
+        per_step = c.step_modulations()
+    assert len(per_step) == 10 and len(per_step[0]) == len(decoder.blocks)
+    for s, blocks in enumerate(per_step):
+        for (one_plus_scale, shift, gate), built in zip(blocks, c.modulation):
+            for got, full in zip((one_plus_scale, shift, gate), built):
+                assert got.shape == (decoder.config.decoder_hidden_size,) and got.is_contiguous()
+                torch.testing.assert_close(got, full[s, 0], rtol=0, atol=0)
+
+
 def test_sampling_calls_the_decoder_once_per_step_and_returns_an_ordinary_tensor():
     prior = _decoder()
     calls = []

@@ -1,0 +1,72 @@
+"""The GPU speed check stays runnable on machines that cannot run it for real.
+
+``benchmarks/gpu_check.sh`` is meant for a machine with an NVIDIA GPU, which CI never has; these tests run its
+Python section on the CPU at the tiny preset (``--device cpu --gpu-preset tiny``, the documented dry run) so that it
+does not rot, and check that the shell script stops at once, with a message that says why, where there is no GPU.
+"""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEED = os.path.join(ROOT, "benchmarks", "speed.py")
+GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+
+
+def _env(**extra):
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", **extra}
+    env.pop("OUT", None)
+    return env
+
+
+def test_the_gpu_section_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
+    out = tmp_path / "speed_gpu.json"
+    r = subprocess.run([sys.executable, SPEED, "--gpu-7b", "--device", "cpu", "--gpu-preset", "tiny",
+                        "--gpu-dtype", "float32", "--gpu-batch", "2", "--threads", "1", "--out", str(out)],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["preset"] == "tiny" and result["dtype"] == "float32"
+    train, inf = result["training"], result["inference"]
+    assert train["batch_size"] == 2 and train["step"]["median_ms"] > 0 and train["fwd_bwd_flops"] > 0
+    assert train["peak_memory_gib"] is None  # no CUDA allocator on the CPU
+    assert result["ours_params"]["trainable"] < result["ours_params"]["total"]  # LoRA: the VLM's base is frozen
+    for name in ("ours_pipeline", "ours_predict_action", "ours_flow_steps", "pi0_end_to_end", "pi0_sample_actions"):
+        assert inf["latency"][name]["median_ms"] > 0, name
+    assert 0 < inf["ratio_pipeline_vs_pi0_end_to_end"]["median"] < 10
+    assert 0 < inf["flow_share_of_pipeline"] < 1
+    report = (tmp_path / "speed_gpu.md").read_text()
+    assert "ours pipeline / PI0 end-to-end" in report and "flow steps share of pipeline" in report
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has nvidia-smi: the check would run")
+def test_gpu_check_stops_at_once_without_nvidia_smi():
+    r = subprocess.run(["bash", GPU_CHECK], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3
+    assert "no NVIDIA GPU" in r.stderr and "Nothing was run" in r.stderr
+    assert "[gpu]" not in r.stdout
+
+
+def test_gpu_check_stops_when_torch_sees_no_cuda_device(tmp_path):
+    """A driver that answers but a torch without CUDA (a CPU wheel): exit 3 before any benchmark starts."""
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: Fake GPU (UUID: GPU-0)'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    env = _env(PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", PYTHON=sys.executable)
+    r = subprocess.run(["bash", GPU_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "torch sees no CUDA device" in r.stderr
+    assert "[gpu]" not in r.stdout  # the benchmark itself never started
