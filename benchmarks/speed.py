@@ -16,7 +16,8 @@ Sections (CPU, one process, threads pinned with --threads):
    ``sample_actions``, unnormalization: everything our pipeline does except what is ours alone).
 3. Where our pipeline's time goes: processor (``pipeline.preprocess``), the VLM prefix (``model.encode``: one VLM
    forward), the flow loop (``model.sample_actions``: action head only), postprocessing (unnormalize).
-4. History token on vs off: pipeline latency and a Stage-2 training step (forward, backward, clip, AdamW; batch 8).
+4. History token on vs off: pipeline latency and a Stage-2 training step (forward, backward, clip, AdamW; batch 8);
+   and ``predict_action`` on vs off as the language model grows (``HISTORY_VLM_SCALES``), the prior unchanged.
 5. Training throughput: Stage 1 (``ActionPriorModel``, batch 64) and Stage 2 (VLA, batch 8) against the rate of the
    data loader over a synthetic corpus (``tests/synthetic.py``), in the same run.
 6. fp32 matmul GFLOP/s of this machine and the model's achieved GFLOP/s (``FlopCounterMode``); and the rate at which
@@ -223,11 +224,14 @@ def vla_dims(preset: str, image_size: int | None, image_token_id: int | None = N
     return vision, dict(text), tok if image_token_id is None else image_token_id, prior_preset
 
 
-def vla_config(preset, family, image_size, chunk, image_token_id=None, **overrides):
+def vla_config(preset, family, image_size, chunk, image_token_id=None, text_overrides=None, **overrides):
+    """The VLA config of ``preset`` at ``image_size`` / ``chunk``; ``text_overrides`` change its language model (the
+    history-token scaling of section 4 widens and deepens it), ``overrides`` the VLA config's own fields."""
     import modeling_actprior as ap
     from modeling_actprior.configuration_actprior_vla import _vlm
 
     vision, text, tok, prior_preset = vla_dims(preset, image_size, image_token_id)
+    text.update(text_overrides or {})
     prior = ap.ActionPriorConfig.from_preset(prior_preset, chunk_size=chunk, num_inference_steps=FLOW_STEPS)
     return ap.VLAWithPriorConfig(vlm_config=_vlm(family, vision, text, tok), prior_config=prior, **overrides)
 
@@ -243,14 +247,15 @@ def make_normalizer(d_max: int = D_MAX):
     return norm
 
 
-def build_vla(preset, family, image_size, chunk, seed=0, **overrides):
+def build_vla(preset, family, image_size, chunk, seed=0, text_overrides=None, **overrides):
     """A random VLA with statistics for two robots, and its processor."""
     import torch
 
     import modeling_actprior as ap
 
     torch.manual_seed(seed)
-    model = ap.VLAWithPriorForAction(vla_config(preset, family, image_size, chunk, **overrides)).eval()
+    model = ap.VLAWithPriorForAction(vla_config(preset, family, image_size, chunk, text_overrides=text_overrides,
+                                                **overrides)).eval()
     model.normalizer = make_normalizer(model.config.prior_config.max_action_dim)
     processor = ap.ActionPriorProcessor.from_config(model.config, model.normalizer, instructions=INSTRUCTIONS)
     return model, processor
@@ -500,6 +505,81 @@ def history_token_alone(model, f):
         return model.history_token(f["history"], f["history_mask"], f["dim_mask"], f.get("state"))
 
 
+#: Section 4's scaling of the history token's inference cost: the preset's language model, then wider and deeper ones
+#: (the vision tower and the prior stay the preset's). ``(label, text config overrides)``.
+HISTORY_VLM_SCALES = (
+    ("preset", {}),
+    ("width 512, 8 layers", dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                                 intermediate_size=1536)),
+    ("width 1024, 8 layers", dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
+                                  intermediate_size=3072)),
+)
+
+
+def instructions_of_consecutive_lengths(processor, image, history, n: int) -> list[tuple[str, int]]:
+    """``n`` instructions whose prompts are ``n`` consecutive token counts, the shortest that of ``INSTRUCTIONS[0]``:
+    ``[(instruction, input_ids length), ...]``. One more prefix token costs a matrix product more or less than its
+    share depending on where the count falls in the kernel's row blocking (+4.5% for 72 -> 73 tokens with a
+    1024-wide language model here), so a token's cost is measured over a run of counts, not at one."""
+    def length(text):
+        return int(processor(images=[image], text=[text], history=[history], embodiment=EMBODIMENT)["input_ids"].shape[1])
+
+    base = INSTRUCTIONS[0]
+    start = length(base)
+    found = {start: base}
+    words = ["now", "please", "carefully", "slowly", "then", "stop", "again", "here", "gently", "quickly", "there"]
+    for k in range(0, 4):
+        for combo in itertools.product(words, repeat=k):
+            for end in ("", ".", "!", "?!"):
+                text = " ".join([base, *combo]) + end
+                found.setdefault(length(text), text)
+                if all(start + i in found for i in range(n)):
+                    return [(found[start + i], start + i) for i in range(n)]
+    raise RuntimeError(f"found no instructions for {n} consecutive prompt lengths from {start}: {sorted(found)}")
+
+
+def history_token_vs_vlm_size(args, preset, reps, prompt_lengths: int = 8) -> list[dict]:
+    """``predict_action`` with the history token on vs off as the language model grows, the prior unchanged: the
+    encoder and its one token cost about the same at any VLM size, so their share of a chunk's latency shrinks.
+    Repetition ``i`` uses the ``i % prompt_lengths``-th of ``prompt_lengths`` instructions of consecutive prompt
+    lengths (the same one on and off), so the ratio does not hang on one lucky or unlucky token count."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    history = rng.normal(size=(16, 7)).astype(np.float32)
+    rows, texts = [], None
+    for label, text in HISTORY_VLM_SCALES:
+        print(f"[history] {preset}: predict_action on vs off, language model {label}", flush=True)
+        fns, params = {}, None
+        for on in (True, False):
+            model, proc = build_vla(preset, args.vlm_family, 64, 16, text_overrides=text, history_token=on)
+            texts = texts or instructions_of_consecutive_lengths(proc, image, history, prompt_lengths)
+            feats = [{k: v for k, v in proc(images=[image], text=[t], history=[history],
+                                            embodiment=EMBODIMENT).items() if isinstance(v, torch.Tensor)}
+                     for t, _ in texts]
+            calls = itertools.count()
+
+            def predict(m=model, fs=feats, c=calls):
+                return m.predict_action(**fs[next(c) % len(fs)], num_inference_steps=FLOW_STEPS)
+
+            fns["on" if on else "off"] = predict
+            if on:
+                params = {"vlm": n_params(model.vlm), "history_token": n_params(model.history_encoder)
+                          + n_params(model.history_projection)}
+                fns["history_token_alone"] = lambda m=model, x=feats[0]: history_token_alone(m, x)
+        # Both variants see instruction i in repetition i: warm-up calls count too, so they are a multiple of it.
+        warmup = prompt_lengths * max(1, -(-args.warmup // prompt_lengths))
+        t = interleave(fns, reps, warmup, label=f"history token vs VLM size ({label})")
+        rows.append({"language_model": label, "text_overrides": text, "params": params,
+                     "prompt_tokens": [n for _, n in texts],
+                     "latency": {k: summarize(v) for k, v in t.items()},
+                     "ratio_on_off": paired_ratio(t["on"], t["off"])})
+        fns.clear()
+        gc.collect()
+    return rows
+
+
 def training_sections(args, tmp) -> dict:
     import torch
     from flops import count_flops
@@ -551,6 +631,8 @@ def training_sections(args, tmp) -> dict:
     }
     robots.clear()
     gc.collect()
+    # The same comparison (model only) as the language model grows: the share the issue's 3% judges depends on it.
+    out["history_token_vs_vlm_size"] = history_token_vs_vlm_size(args, preset, reps_history // 2)
 
     # ---------------------------------------------------------------- 4b + 5: Stage-2 training, history on/off, loader
     print(f"[stage2] {preset}: training step on vs off, batch 8, and the loader", flush=True)
@@ -734,6 +816,18 @@ def report_cpu(result) -> str:
              [f"Stage-2 train step (batch 8, λ={ht['kd_weight_at_step']:g}"
               f"{', teacher reused' if ht.get('teacher_reused') else ''})", fmt(ht["step_ms"]["on"]),
               fmt(ht["step_ms"]["off"]), fmt_ratio(ht["ratio_on_off"]), fmt_ci(ht["ratio_on_off"])]]))
+        if tr.get("history_token_vs_vlm_size"):
+            lengths = tr["history_token_vs_vlm_size"][0]["prompt_tokens"]
+            out.append(f"\nThe history token's inference cost as the language model grows ({hi['preset']} vision tower "
+                       f"and prior, 64 px, chunk 16; predict_action, on vs off; the repetitions cycle through "
+                       f"{len(lengths)} instructions of {lengths[0]}-{lengths[-1]} prompt tokens, the same one on and "
+                       "off):")
+            out.append(md_table(
+                ["language model", "VLM params", "on (ms)", "off (ms)", "on/off (paired) [IQR]",
+                 "95% interval of the median", "encoder + projection alone (ms)"],
+                [[r["language_model"], millions(r["params"]["vlm"]), fmt(r["latency"]["on"]), fmt(r["latency"]["off"]),
+                  fmt_ratio(r["ratio_on_off"]), fmt_ci(r["ratio_on_off"]), fmt(r["latency"]["history_token_alone"])]
+                 for r in tr["history_token_vs_vlm_size"]]))
         s1, s2 = tr["stage1"], tr["stage2"]
         out.append("\n### 5. Training throughput vs the data loader (same run; rates from median step / batch times, "
                    "total-time rates in brackets)")

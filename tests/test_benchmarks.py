@@ -70,3 +70,22 @@ def test_gpu_check_stops_when_torch_sees_no_cuda_device(tmp_path):
     assert r.returncode == 3, r.stdout + r.stderr
     assert "torch sees no CUDA device" in r.stderr
     assert "[gpu]" not in r.stdout  # the benchmark itself never started
+
+
+def test_the_history_token_scaling_cycles_through_consecutive_prompt_lengths(monkeypatch):
+    """Section 4's scaling rows: the instructions give consecutive prompt lengths (so one token count's luck in the
+    kernels' row blocking cannot set the ratio), and every language-model size gets its on / off figures."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import speed
+
+    monkeypatch.setattr(speed, "HISTORY_VLM_SCALES", (
+        ("preset", {}), ("width 128, 3 layers", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4))))
+    args = speed.parse_args(["--reps", "2", "--warmup", "1"])
+    rows = speed.history_token_vs_vlm_size(args, "tiny", reps=4, prompt_lengths=4)
+    assert [r["language_model"] for r in rows] == ["preset", "width 128, 3 layers"]
+    assert rows[0]["params"]["vlm"] < rows[1]["params"]["vlm"]
+    for r in rows:
+        first = r["prompt_tokens"][0]
+        assert r["prompt_tokens"] == list(range(first, first + 4))
+        assert r["latency"]["on"]["n"] == r["latency"]["off"]["n"] == 4
+        assert r["ratio_on_off"]["median"] > 0 and r["latency"]["history_token_alone"]["median_ms"] > 0
