@@ -28,11 +28,11 @@ def _env(**extra):
 def test_the_gpu_section_dry_runs_on_the_cpu_and_writes_its_report(tmp_path):
     out = tmp_path / "speed_gpu.json"
     r = subprocess.run([sys.executable, SPEED, "--gpu-7b", "--device", "cpu", "--gpu-preset", "tiny",
-                        "--gpu-dtype", "float32", "--gpu-batch", "2", "--threads", "1", "--out", str(out)],
+                        "--gpu-dtype", "bfloat16", "--gpu-batch", "2", "--threads", "1", "--out", str(out)],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["preset"] == "tiny" and result["dtype"] == "float32"
+    assert result["preset"] == "tiny" and result["dtype"] == "bfloat16"  # the dtype the GPU runs in
     train, inf = result["training"], result["inference"]
     assert train["batch_size"] == 2 and train["step"]["median_ms"] > 0 and train["fwd_bwd_flops"] > 0
     assert train["peak_memory_gib"] is None  # no CUDA allocator on the CPU
