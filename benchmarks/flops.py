@@ -50,14 +50,16 @@ def matmul_gflops(n: int, reps: int = 10, warmup: int = 3, dtype=torch.float32, 
             "reps": reps}
 
 
-def stream_gbps(megabytes: int = 32, rows: int = 1024, reps: int = 10, warmup: int = 2) -> dict:
-    """Median GB/s (and IQR) at which batch-1 matrix-vector products read float32 weights on a CPU: one ``1 x rows``
-    vector times each of a list of ``rows x 512`` matrices, ``megabytes`` of them in all (more than the caches hold,
-    as the action head's weights are at each flow step). This bounds any batch-1 flow step: it reads every weight
-    once."""
-    n = max(1, megabytes * 2**20 // (rows * 512 * 4))
-    weights = [torch.randn(rows, 512) for _ in range(n)]
-    x, bias = torch.randn(1, rows), torch.randn(512)
+def stream_gbps(megabytes: int = 32, rows: int = 1024, reps: int = 10, warmup: int = 2,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """Median GB/s (and IQR) at which batch-1 matrix-vector products read ``dtype`` (float32 by default) weights on a
+    CPU: one ``1 x rows`` vector times each of a list of ``rows x 512`` matrices, ``megabytes`` of them in all (more
+    than the caches hold, as the action head's weights are at each flow step). This bounds any batch-1 flow step: it
+    reads every weight once. ``median_gweights_per_s``: the same rate in weights (of any dtype) per second."""
+    size = torch.empty((), dtype=dtype).element_size()
+    n = max(1, megabytes * 2**20 // (rows * 512 * size))
+    weights = [torch.randn(rows, 512).to(dtype) for _ in range(n)]
+    x, bias = torch.randn(1, rows).to(dtype), torch.randn(512).to(dtype)
 
     def sweep():
         for w in weights:
@@ -69,9 +71,11 @@ def stream_gbps(megabytes: int = 32, rows: int = 1024, reps: int = 10, warmup: i
     for _ in range(reps):
         t0 = time.perf_counter()
         sweep()
-        rates.append(n * rows * 512 * 4 / (time.perf_counter() - t0) / 1e9)
+        rates.append(n * rows * 512 * size / (time.perf_counter() - t0) / 1e9)
     q1, med, q3 = np.percentile(rates, [25, 50, 75])
-    return {"megabytes": n * rows * 512 * 4 / 2**20, "median_gbps": float(med), "iqr_gbps": float(q3 - q1), "reps": reps}
+    return {"megabytes": n * rows * 512 * size / 2**20, "dtype": str(dtype).removeprefix("torch."),
+            "median_gbps": float(med), "iqr_gbps": float(q3 - q1), "median_gweights_per_s": float(med) / size,
+            "reps": reps}
 
 
 def nominal_peak_tflops(device_name: str) -> float | None:

@@ -510,9 +510,9 @@ def history_token_alone(model, f):
 HISTORY_VLM_SCALES = (
     ("preset", {}),
     ("width 512, 8 layers", dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                                 intermediate_size=1536)),
+                                 num_key_value_heads=8, intermediate_size=1536)),
     ("width 1024, 8 layers", dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
-                                  intermediate_size=3072)),
+                                  num_key_value_heads=16, intermediate_size=3072)),
 )
 
 
@@ -542,19 +542,22 @@ def history_token_vs_vlm_size(args, preset, reps, prompt_lengths: int = 8) -> li
     """``predict_action`` with the history token on vs off as the language model grows, the prior unchanged: the
     encoder and its one token cost about the same at any VLM size, so their share of a chunk's latency shrinks.
     Repetition ``i`` uses the ``i % prompt_lengths``-th of ``prompt_lengths`` instructions of consecutive prompt
-    lengths (the same one on and off), so the ratio does not hang on one lucky or unlucky token count."""
+    lengths (the same one on and off), so the ratio does not hang on one lucky or unlucky token count; ``reps`` is
+    rounded up to a multiple of ``prompt_lengths`` so that every length counts as often."""
     import torch
 
     rng = np.random.default_rng(2)
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
     history = rng.normal(size=(16, 7)).astype(np.float32)
-    rows, texts = [], None
+    reps = prompt_lengths * -(-reps // prompt_lengths)
+    rows = []
     for label, text in HISTORY_VLM_SCALES:
         print(f"[history] {preset}: predict_action on vs off, language model {label}", flush=True)
         fns, params = {}, None
         for on in (True, False):
             model, proc = build_vla(preset, args.vlm_family, 64, 16, text_overrides=text, history_token=on)
-            texts = texts or instructions_of_consecutive_lengths(proc, image, history, prompt_lengths)
+            if on:  # per size: a language model of another vocabulary would tokenize the instructions differently
+                texts = instructions_of_consecutive_lengths(proc, image, history, prompt_lengths)
             feats = [{k: v for k, v in proc(images=[image], text=[t], history=[history],
                                             embodiment=EMBODIMENT).items() if isinstance(v, torch.Tensor)}
                      for t, _ in texts]
@@ -568,11 +571,13 @@ def history_token_vs_vlm_size(args, preset, reps, prompt_lengths: int = 8) -> li
                 params = {"vlm": n_params(model.vlm), "history_token": n_params(model.history_encoder)
                           + n_params(model.history_projection)}
                 fns["history_token_alone"] = lambda m=model, x=feats[0]: history_token_alone(m, x)
-        # Both variants see instruction i in repetition i: warm-up calls count too, so they are a multiple of it.
+        # interleave calls every variant once per warm-up round and repetition, so "on" and "off" always read the
+        # same instruction; warm-up rounds are a multiple of the instructions so that repetition i reads the i-th.
         warmup = prompt_lengths * max(1, -(-args.warmup // prompt_lengths))
         t = interleave(fns, reps, warmup, label=f"history token vs VLM size ({label})")
         rows.append({"language_model": label, "text_overrides": text, "params": params,
-                     "prompt_tokens": [n for _, n in texts],
+                     "prompt_tokens": [n for _, n in texts], "image_tokens": model.config.num_image_tokens,
+                     "warmup": warmup, "reps": reps,
                      "latency": {k: summarize(v) for k, v in t.items()},
                      "ratio_on_off": paired_ratio(t["on"], t["off"])})
         fns.clear()
@@ -817,11 +822,13 @@ def report_cpu(result) -> str:
               f"{', teacher reused' if ht.get('teacher_reused') else ''})", fmt(ht["step_ms"]["on"]),
               fmt(ht["step_ms"]["off"]), fmt_ratio(ht["ratio_on_off"]), fmt_ci(ht["ratio_on_off"])]]))
         if tr.get("history_token_vs_vlm_size"):
-            lengths = tr["history_token_vs_vlm_size"][0]["prompt_tokens"]
+            first = tr["history_token_vs_vlm_size"][0]
+            lengths, img = first["prompt_tokens"], first.get("image_tokens", 0)
             out.append(f"\nThe history token's inference cost as the language model grows ({hi['preset']} vision tower "
-                       f"and prior, 64 px, chunk 16; predict_action, on vs off; the repetitions cycle through "
-                       f"{len(lengths)} instructions of {lengths[0]}-{lengths[-1]} prompt tokens, the same one on and "
-                       "off):")
+                       f"and prior, 64 px, chunk 16; predict_action, on vs off; {first.get('reps', '?')} repetitions "
+                       f"after {first.get('warmup', '?')} warm-up calls, cycling through {len(lengths)} instructions "
+                       f"of {lengths[0]}-{lengths[-1]} prompt tokens ({img} image + {lengths[0] - img}-"
+                       f"{lengths[-1] - img} text), the same one on and off):")
             out.append(md_table(
                 ["language model", "VLM params", "on (ms)", "off (ms)", "on/off (paired) [IQR]",
                  "95% interval of the median", "encoder + projection alone (ms)"],
@@ -851,6 +858,11 @@ def report_cpu(result) -> str:
                   f"{mach['weight_stream'][when][where]['median_gbps']:.1f} ± "
                   f"{mach['weight_stream'][when][where]['iqr_gbps']:.1f}"]
                  for where in ("memory", "cache") for when in ("start", "end")]
+        for name, r in mach["weight_stream"].get("low_precision_cache", {}).items():
+            fp32 = mach["weight_stream"]["end"]["cache"]
+            rows.append([f"{name} weight streaming from cache, batch-1 matrix-vector (end; G weights/s, fp32: "
+                         f"{fp32['median_gbps'] / 4:.1f})", f"{r['median_gweights_per_s']:.1f} "
+                         f"({r['median_gweights_per_s'] / (fp32['median_gbps'] / 4):.2f}x fp32's weights/s)"])
     rows += [[f"ours predict_action {s['setting']}",
               f"{s['achieved_gflops']['ours_predict_action']:.2f} ({100 * s['achieved_gflops']['ours_predict_action'] / mach['peak_gflops']:.1f}% of peak)"]
              for s in settings]
@@ -979,10 +991,13 @@ def run_cpu(args) -> dict:
             result["training"] = training_sections(args, tmp)
     mm_end = [matmul_gflops(n) for n in (512, 1024)]
     stream_end = {"cache": stream_gbps(STREAM_CACHE_MB), "memory": stream_gbps(STREAM_MEMORY_MB)}
+    # Would half-precision weights make a flow step cheaper here? Only if torch streams them at more weights/s.
+    low_precision = {name: stream_gbps(STREAM_CACHE_MB, dtype=getattr(torch, name)) for name in ("bfloat16", "float16")}
     peak = max(m["median_gflops"] for m in mm_start + mm_end)
     best = {k: max(stream_start[k]["median_gbps"], stream_end[k]["median_gbps"]) for k in ("cache", "memory")}
     result["machine_limit"] = {"start": mm_start, "end": mm_end, "peak_gflops": peak,
-                               "weight_stream": {"start": stream_start, "end": stream_end, "best_gbps": best}}
+                               "weight_stream": {"start": stream_start, "end": stream_end, "best_gbps": best,
+                                                 "low_precision_cache": low_precision}}
     for s in result["settings"]:
         s["flow_floor"] = {k: flow_floor(s, best[k]) for k in ("cache", "memory")}
     result["contention"] = contention_summary()
@@ -1211,8 +1226,10 @@ def main(argv=None):
 
     write_json(args.out, result)  # whole or not at all: a failed write keeps the previous report
     md = os.path.splitext(args.out)[0] + ".md"
-    with open(md, "w") as f:
+    tmp = f"{md}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         f.write(markdown_header(result) + "\n\n" + text + "\n")
+    os.replace(tmp, md)
     print(f"\nwrote {args.out} and {md} ({result['wall_s']} s)")
     if args.update_readme:
         from modeling_actprior.quickstart import replace_readme_block

@@ -323,7 +323,7 @@ class DecoderConditioning:
         return [list(step) for step in zip(*(zip(*mod) for mod in per_block))]
 
     def steps(self) -> list[DecoderConditioning]:
-        """The per-step conditionings of one built for ``S`` flow steps (views, no copies)."""
+        """The per-step conditionings of one built for ``S`` flow steps (see ``step_modulations``)."""
         return [DecoderConditioning(self.latent, self.dim_mask, self.chunk_mask, mod, self.weights, self.input_bias)
                 for mod in self.step_modulations()]
 

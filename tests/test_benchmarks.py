@@ -72,20 +72,39 @@ def test_gpu_check_stops_when_torch_sees_no_cuda_device(tmp_path):
     assert "[gpu]" not in r.stdout  # the benchmark itself never started
 
 
-def test_the_history_token_scaling_cycles_through_consecutive_prompt_lengths(monkeypatch):
+def test_the_history_token_scaling_pairs_on_and_off_over_consecutive_prompt_lengths(monkeypatch):
     """Section 4's scaling rows: the instructions give consecutive prompt lengths (so one token count's luck in the
-    kernels' row blocking cannot set the ratio), and every language-model size gets its on / off figures."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    kernels' row blocking cannot set the ratio), "on" and "off" read the same instruction in every repetition, each
+    length counts as often, and every language-model size gets its figures."""
+    monkeypatch.setattr(sys, "path", list(sys.path))  # speed.py puts its folders on the path: undo that afterwards
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     import speed
 
+    import modeling_actprior as ap
+
+    monkeypatch.setattr(speed, "PROBES", {})
     monkeypatch.setattr(speed, "HISTORY_VLM_SCALES", (
         ("preset", {}), ("width 128, 3 layers", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4))))
+    seen = {True: [], False: []}
+    predict = ap.VLAWithPriorForAction.predict_action
+
+    def recording(self, *args, **kwargs):
+        seen[self.config.history_token].append(int(kwargs["input_ids"].shape[1]))
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(ap.VLAWithPriorForAction, "predict_action", recording)
     args = speed.parse_args(["--reps", "2", "--warmup", "1"])
-    rows = speed.history_token_vs_vlm_size(args, "tiny", reps=4, prompt_lengths=4)
+    rows = speed.history_token_vs_vlm_size(args, "tiny", reps=3, prompt_lengths=4)  # rounded up to 4
     assert [r["language_model"] for r in rows] == ["preset", "width 128, 3 layers"]
     assert rows[0]["params"]["vlm"] < rows[1]["params"]["vlm"]
     for r in rows:
         first = r["prompt_tokens"][0]
         assert r["prompt_tokens"] == list(range(first, first + 4))
+        assert r["reps"] == 4 and r["warmup"] == 4
         assert r["latency"]["on"]["n"] == r["latency"]["off"]["n"] == 4
         assert r["ratio_on_off"]["median"] > 0 and r["latency"]["history_token_alone"]["median_ms"] > 0
+    assert seen[True] == seen[False]  # same instruction on and off, call by call (warm-up included)
+    per_size = len(seen[True]) // 2
+    for size in range(2):
+        calls = seen[True][size * per_size:(size + 1) * per_size]
+        assert len(calls) == 8 and sorted(calls) == sorted(rows[size]["prompt_tokens"] * 2)
