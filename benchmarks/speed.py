@@ -1222,14 +1222,12 @@ def main(argv=None):
         text = report_cpu(result)
     print("\n" + text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    from modeling_actprior.training import write_json
+    from modeling_actprior.training import write_json, write_text
 
-    write_json(args.out, result)  # whole or not at all: a failed write keeps the previous report
+    # Whole or not at all: a failed write keeps the previous report.
+    write_json(args.out, result)
     md = os.path.splitext(args.out)[0] + ".md"
-    tmp = f"{md}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(markdown_header(result) + "\n\n" + text + "\n")
-    os.replace(tmp, md)
+    write_text(md, markdown_header(result) + "\n\n" + text + "\n")
     print(f"\nwrote {args.out} and {md} ({result['wall_s']} s)")
     if args.update_readme:
         from modeling_actprior.quickstart import replace_readme_block

@@ -132,14 +132,15 @@ def update_readme(readme: str, report: str, command: str) -> None:
 def replace_readme_block(path: str, start: str, end: str, text: str) -> None:
     """Replace what lies between the markers ``start`` and ``end`` of the markdown file ``path`` with ``text`` (the
     README's generated blocks: quickstart results, the prior-vs-scratch study, the speed report)."""
+    from .training import write_text
+
     with open(path) as f:
         readme = f.read()
     if start not in readme or end not in readme:
         raise ValueError(f"{path} has no {start} ... {end} block to update.")
     head, rest = readme.split(start, 1)
     _, tail = rest.split(end, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{start}\n{text}\n{end}{tail}")
+    write_text(path, f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def _training_script(name: str):

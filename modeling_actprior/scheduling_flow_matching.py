@@ -94,7 +94,6 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = timesteps.to(device) if device is not None else timesteps
         self._step_index = 0
         self._heun_state = None  # (x at sigma_i, v at sigma_i) between predictor and corrector
-        self._euler = self.config.solver == "euler"
 
     def for_run(self, num_inference_steps: int | None = None, device=None) -> FlowMatchingActionScheduler:
         """A private copy with its timesteps set, so concurrent samplers never share step state."""
@@ -110,7 +109,7 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
     def euler_step_sizes(self) -> list[float] | None:
         """The Euler solver's steps ``t_next - t`` (negative) on the current grid, for samplers that apply the update
         ``x + dt * v`` themselves (one fused op per step); None for any other solver (call ``step``)."""
-        if not self._euler:
+        if self.config.solver != "euler":
             return None
         s = self._sigma_values
         return [s[i + 1] - s[i] for i in range(len(s) - 1)]
@@ -149,7 +148,7 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
         v = model_output.float()
         x = sample.float()
         sigmas = self._sigma_values
-        if self._euler:
+        if self.config.solver == "euler":
             prev = torch.add(x, v, alpha=sigmas[i + 1] - sigmas[i])
         elif self._heun_state is None:
             interval = (i + 1) // 2

@@ -244,21 +244,26 @@ def _exchange(a: str, b: str) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def write_json(path: str, obj: Any, indent: int = 2) -> None:
-    """``json.dump(obj)`` into ``path`` all or nothing: written to a temporary sibling, fsynced, then renamed over
-    ``path``. A run killed while writing leaves the previous file (or none), never half of one, so a file whose
-    presence means "this work is done" (a study's ``closed_loop.json``) is complete whenever it exists."""
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` into ``path`` all or nothing: into a temporary sibling, fsynced, then renamed over ``path``. A
+    run killed while writing leaves the previous file (or none), never half of one."""
     parent, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}-{threading.get_ident()}")
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=indent)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_json(path: str, obj: Any, indent: int = 2) -> None:
+    """``json.dump(obj)`` into ``path`` all or nothing (``write_text``), so a file whose presence means "this work is
+    done" (a study's ``closed_loop.json``) is complete whenever it exists."""
+    write_text(path, json.dumps(obj, indent=indent))
 
 
 @contextlib.contextmanager

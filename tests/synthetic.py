@@ -1,9 +1,24 @@
 """Tiny synthetic LeRobot datasets for tests: smooth, history-predictable motions of two robots."""
 
 import numpy as np
+import torch
 
 import modeling_actprior as ap
 from modeling_actprior.data import Episode, write_lerobot_dataset
+
+
+def random_prior(history_length: int, second_robot: str = "kuka_iiwa", sawyer_scale=1.0) -> ap.ActionPriorModel:
+    """A tiny random ``ActionPriorModel`` (chunk 8, eval mode, seed 0) with action statistics for the 4-D sawyer
+    (normal draws times ``sawyer_scale``) and ``second_robot`` (uniform in [-2, 2])."""
+    torch.manual_seed(0)
+    model = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", chunk_size=8, history_length=history_length))
+    rng = np.random.default_rng(0)
+    norm = ap.ActionNormalizer(model.config.max_action_dim)
+    norm.add_embodiment(ap.get_embodiment("sawyer"), rng.normal(size=(200, 4)) * sawyer_scale)
+    second = ap.get_embodiment(second_robot)
+    norm.add_embodiment(second, rng.uniform(-2, 2, size=(200, second.action_dim)))
+    model.normalizer = norm
+    return model.eval()
 
 
 def smooth_episodes(width: int, n_episodes: int, length: int, seed: int, images: int = 0, tasks=("reach the goal",)):

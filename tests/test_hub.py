@@ -10,7 +10,7 @@ import torch
 from hub_server import HubServer
 from huggingface_hub import DatasetCard, HfApi, ModelCard
 from huggingface_hub import constants as hf_constants
-from synthetic import make_corpus
+from synthetic import make_corpus, random_prior
 
 import modeling_actprior as ap
 from modeling_actprior.cli import main as cli_main
@@ -34,13 +34,7 @@ def hub():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    prior = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", chunk_size=8, history_length=4))
-    rng = np.random.default_rng(0)
-    norm = ap.ActionNormalizer(prior.config.max_action_dim)
-    norm.add_embodiment(ap.get_embodiment("sawyer"), rng.normal(size=(200, 4)))
-    norm.add_embodiment(ap.get_embodiment("xarm6"), rng.uniform(-2, 2, size=(200, 7)))
-    prior.normalizer = norm
+    prior = random_prior(history_length=4, second_robot="xarm6")
     vla = ap.VLAWithPriorForAction.from_prior(prior, "tiny").eval()
     proc = ap.ActionPriorProcessor.from_config(vla.config, vla.normalizer, instructions=["reach the goal"])
     return str(export_for_hub(vla, proc, tmp_path_factory.mktemp("vla") / "final"))
