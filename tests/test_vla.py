@@ -275,6 +275,18 @@ def test_save_load_and_remote_code_give_identical_actions(prior, tmp_path):
     assert torch.equal(torch.load(tmp_path / "out.pt", weights_only=True), expected)
 
 
+def test_loaded_weights_sit_in_aligned_storage_of_their_own(prior, tmp_path):
+    # safetensors hands out tensors at 8-byte file offsets; kernels that vectorize differently on unaligned inputs
+    # (AMD EPYC, AVX-512) made a reloaded model's chunk differ from the saved one's by ~1e-8.
+    _vla(prior, lora_r=2).save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    unaligned = [n for n, t in [*loaded.named_parameters(), *loaded.named_buffers()] if t.data_ptr() % 64]
+    assert not unaligned, unaligned[:5]
+    prior.save_pretrained(tmp_path / "prior")
+    reloaded_prior = AutoModel.from_pretrained(tmp_path / "prior")
+    assert all(t.data_ptr() % 64 == 0 for t in [*reloaded_prior.parameters(), *reloaded_prior.buffers()])
+
+
 def test_exported_vla_code_files_import_only_their_siblings(prior, tmp_path):
     import ast
 
