@@ -30,6 +30,7 @@ TINY_IMAGE_TOKEN_ID = 3
 
 VLM_FAMILIES = ("llava", "paligemma")
 DISTILL_DECAYS = ("cosine", "linear")
+DISTILL_MATCHES = ("kl", "mean")
 LATENT_CONDITIONINGS = ("sample", "mean")
 VISION_MODES = ("frozen", "lora", "full")
 
@@ -151,9 +152,16 @@ class VLAWithPriorConfig(PreTrainedConfig):
     prior_config: dict | PreTrainedConfig | None = None
     history_token: bool = True
     history_dropout: float = 0.0
+    history_noise: float = 0.0
+    history_shift: int = 0
+    history_lag: int = 0
+    history_latent: str = "mean"
     freeze_history_encoder: bool = True
     use_prior_decoder: bool = True
     distill_weight: float = 1.0
+    distill_match: str = "kl"
+    distill_teacher_logvar_min: float | None = None
+    distill_teacher_temperature: float = 1.0
     distill_hold_steps: int = 500
     distill_decay_steps: int = 500
     distill_decay: str = "cosine"
@@ -189,11 +197,26 @@ class VLAWithPriorConfig(PreTrainedConfig):
                 f"got {self.distill_weight}, {self.distill_hold_steps}, {self.distill_decay_steps}."
             )
         for name, allowed in (("distill_decay", DISTILL_DECAYS), ("latent_conditioning", LATENT_CONDITIONINGS),
-                              ("vision_mode", VISION_MODES)):
+                              ("vision_mode", VISION_MODES), ("distill_match", DISTILL_MATCHES),
+                              ("history_latent", LATENT_CONDITIONINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"VLAWithPriorConfig.{name} must be one of {allowed}; got {getattr(self, name)!r}.")
         if not 0.0 <= self.history_dropout < 1.0:
             raise ValueError(f"VLAWithPriorConfig.history_dropout must be in [0, 1); got {self.history_dropout}.")
+        k = self.prior_config.history_length if self.prior_config is not None else None
+        for name in ("history_shift", "history_lag"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0 or (k is not None and value >= k):
+                raise ValueError(f"VLAWithPriorConfig.{name} must be an integer in [0, history_length={k}); got "
+                                 f"{value!r}.")
+        if not (math.isfinite(self.history_noise) and self.history_noise >= 0):
+            raise ValueError(f"VLAWithPriorConfig.history_noise must be a finite value >= 0; got {self.history_noise}.")
+        if not (math.isfinite(self.distill_teacher_temperature) and self.distill_teacher_temperature > 0):
+            raise ValueError("VLAWithPriorConfig.distill_teacher_temperature must be a finite value > 0; got "
+                             f"{self.distill_teacher_temperature}.")
+        if self.distill_teacher_logvar_min is not None and not math.isfinite(self.distill_teacher_logvar_min):
+            raise ValueError("VLAWithPriorConfig.distill_teacher_logvar_min must be finite or None; got "
+                             f"{self.distill_teacher_logvar_min}.")
         if self.lora_r < 0 or self.action_head_lr_multiplier < 0 or self.max_text_length <= 0:
             raise ValueError(
                 "VLAWithPriorConfig needs lora_r >= 0, action_head_lr_multiplier >= 0 and max_text_length > 0; got "

@@ -24,6 +24,7 @@ siblings, relatively.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 
@@ -361,12 +362,42 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         attention_mask = torch.cat([attention_mask, extra_mask], dim=1)
         return embeds, attention_mask
 
+    def token_history_differs_from_teachers(self) -> bool:
+        """Whether the history token reads another view of the past than the teacher (a lag always; noise or a
+        time shift in training), so the teacher's posterior must be computed on its own."""
+        c = self.config
+        return c.history_lag > 0 or (self.training and (c.history_noise > 0 or c.history_shift > 0))
+
+    def token_history(self, history: torch.Tensor, history_mask: torch.Tensor,
+                      dim_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The past actions the history token reads: ``history`` ``(B, K', D_max)`` (normalized, padded, oldest first)
+        without its ``history_lag`` most recent steps; in training also without a random ``U{0..history_shift}``
+        more per sample and with ``history_noise`` on real steps and dimensions. Dropped steps become padding
+        (zero, masked) at the front, so the window keeps its length. Returns ``(history, history_mask)``."""
+        c = self.config
+        b, k = history.shape[:2]
+        drop = torch.full((b,), c.history_lag, dtype=torch.long, device=history.device)
+        if self.training and c.history_shift > 0:
+            drop = drop + torch.randint(0, c.history_shift + 1, (b,), device=history.device)
+        if bool((drop > 0).any()):
+            # Position j of the new window holds old step j - drop (an older one), or padding where that is < 0.
+            src = torch.arange(k, device=history.device)[None, :] - drop[:, None]
+            valid = src >= 0
+            src = src.clamp_min(0)
+            history = torch.gather(history, 1, src[..., None].expand(-1, -1, history.shape[-1])) * valid[..., None]
+            history_mask = torch.gather(history_mask, 1, src) & valid
+        if self.training and c.history_noise > 0:
+            real = history_mask[..., None] & dim_mask[:, None, :]
+            history = history + c.history_noise * torch.randn_like(history) * real
+        return history, history_mask
+
     def history_posterior(self, history, history_mask=None, dim_mask=None, state=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The history encoder's ``q(z | a_<t)`` on past actions ``(B, K', D_max)``: ``(mean, logvar)``, each ``(B, d_z)``.
-        A frozen encoder runs without autograd."""
+        """The history encoder's ``q(z | a_<t)`` on the past actions the token reads (``token_history`` of
+        ``(B, K', D_max)``): ``(mean, logvar)``, each ``(B, d_z)``. A frozen encoder runs without autograd."""
         b, k = history.shape[:2]
         history_mask = torch.ones(b, k, dtype=torch.bool, device=history.device) if history_mask is None else history_mask
         dim_mask = self._default_dim_mask(b, history.device) if dim_mask is None else dim_mask
+        history, history_mask = self.token_history(history, history_mask, dim_mask)
         history = history.to(self.history_projection.weight.dtype)
         if self.config.freeze_history_encoder and torch.is_grad_enabled():
             with torch.no_grad():
@@ -374,11 +405,15 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         return self.history_encoder(history, history_mask, dim_mask, state)
 
     def history_token(self, history, history_mask=None, dim_mask=None, state=None, posterior=None) -> torch.Tensor:
-        """Past actions ``(B, K', D_max)`` -> one token ``(B, text_hidden)``: projected encoder latent mean.
+        """Past actions ``(B, K', D_max)`` -> one token ``(B, text_hidden)``: the projected encoder latent mean (in
+        training a draw from the posterior with ``history_latent="sample"``).
         ``posterior``: ``history_posterior(history, ...)`` when already computed."""
         if posterior is None:
             posterior = self.history_posterior(history, history_mask, dim_mask, state)
-        return self.history_projection(posterior[0])
+        mean, logvar = posterior
+        if self.training and self.config.history_latent == "sample":
+            mean = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        return self.history_projection(mean)
 
     def teacher_is_history_encoder(self) -> bool:
         """Whether the teacher's ``p_prior(z | a_<t)`` equals the history encoder's posterior on the same window, so
@@ -492,13 +527,15 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         if lam > 0:
             if history is None:
                 raise ValueError("Latent distillation (lambda > 0) needs the window's history for the teacher.")
-            if posterior is not None and self.teacher_is_history_encoder():
-                # The frozen history encoder is the teacher, weight for weight: its posterior is the teacher's.
+            if (posterior is not None and not self.token_history_differs_from_teachers()
+                    and self.teacher_is_history_encoder()):
+                # The frozen history encoder is the teacher, weight for weight, on the same history: its posterior is
+                # the teacher's.
                 prior_mean, prior_logvar = posterior[0].detach(), posterior[1].detach()
             else:
                 with torch.no_grad():
                     prior_mean, prior_logvar = self.teacher(history.to(head_dtype), history_mask, dim_mask, state)
-            kd_loss = gaussian_kl_between(mean, logvar, prior_mean.float(), prior_logvar.float()).mean()
+            kd_loss = self.distillation_loss(mean, logvar, prior_mean.float(), prior_logvar.float())
         loss = bc_loss + lam * kd_loss if lam > 0 else bc_loss
         out = VLAWithPriorOutput(
             loss=loss, bc_loss=bc_loss, kd_loss=kd_loss, kd_weight=torch.tensor(lam, device=dev),
@@ -506,6 +543,20 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
             velocity=velocity, target_velocity=target, timesteps=timesteps,
         )
         return out if return_dict else out.to_tuple()
+
+    def distillation_loss(self, mean, logvar, prior_mean, prior_logvar) -> torch.Tensor:
+        """``kd_loss`` of ``p_VLM = N(mean, exp(logvar))`` against the teacher's ``p_prior``, all ``(B, d_z)``, mean
+        over the batch: ``KL(p_VLM || p_prior)`` with the teacher's variances scaled by
+        ``distill_teacher_temperature ** 2`` and floored at ``exp(distill_teacher_logvar_min)``, or with
+        ``distill_match="mean"`` the squared distance of the means (both summed over ``d_z``)."""
+        c = self.config
+        if c.distill_match == "mean":
+            return (mean - prior_mean).pow(2).sum(-1).mean()
+        if c.distill_teacher_temperature != 1.0:
+            prior_logvar = prior_logvar + 2.0 * math.log(c.distill_teacher_temperature)
+        if c.distill_teacher_logvar_min is not None:
+            prior_logvar = prior_logvar.clamp_min(c.distill_teacher_logvar_min)
+        return gaussian_kl_between(mean, logvar, prior_mean, prior_logvar).mean()
 
     # ------------------------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -46,20 +46,58 @@ MT10 = ("reach-v3", "push-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3"
 # MT10 tasks a small CPU budget can learn from a handful of demonstrations (fixtures in reach of a 64 px view).
 EASY_MT10 = ("drawer-close-v3", "button-press-topdown-v3", "window-open-v3")
 
-#: The study's variants -> ``VLA_BASELINES`` names of train_stage2.py, in the order they build up the method.
+#: The study's variants -> ``VLA_BASELINES`` names of train_stage2.py: first the four that build up the method, then
+#: the remedies measured against them (the same baseline plus the options in ``VARIANT_OPTIONS``).
 VARIANTS = {
     "scratch": "no_prior",
     "decoder": "decoder_only",
     "decoder+kd": "no_history_token",
     "full": "full",
+    # History-token remedies (issue: the full method copies its history in closed loop).
+    "full+dropout": "full",
+    "full+aug": "full",
+    "full+lag": "full",
+    "full+dart": "full",
+    "full+dart+aug": "full",
+    # Distillation remedies (the teacher's sharp posteriors make the KL hundreds of nats early on).
+    "decoder+kd+floor": "no_history_token",
+    "decoder+kd+mean": "no_history_token",
+    "decoder+kd+slowhead": "no_history_token",
 }
+#: Extra ``train_stage2.py`` options of each variant (after the budget's own, so they override them).
+VARIANT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "full+dropout": ("--history_dropout", "0.5"),
+    "full+aug": ("--history_noise", "0.3", "--history_shift", "8", "--history_latent", "sample"),
+    "full+lag": ("--history_lag", "8"),
+    "full+dart+aug": ("--history_noise", "0.3", "--history_shift", "8", "--history_latent", "sample"),
+    "decoder+kd+floor": ("--distill_teacher_logvar_min", "-4"),
+    "decoder+kd+mean": ("--distill_match", "mean"),
+    "decoder+kd+slowhead": ("--action_head_lr_multiplier", "0.3"),
+}
+#: Variants trained on corrective demonstrations (``generate --action-noise``, ``Budget.demo_action_noise``).
+CORRECTIVE_VARIANTS = ("full+dart", "full+dart+aug")
 VARIANT_LABELS = {
     "scratch": "no prior (random action head)",
     "decoder": "decoder reuse",
     "decoder+kd": "decoder reuse + early latent distillation",
     "full": "full method (+ history token)",
+    "full+dropout": "full, history dropout 0.5",
+    "full+aug": "full, history noise 0.3 + shift <= 8 + sampled token",
+    "full+lag": "full, history lag 8 (never the executed part of the last chunk)",
+    "full+dart": "full, corrective demonstrations (DART)",
+    "full+dart+aug": "full, DART + history noise/shift/sample",
+    "decoder+kd+floor": "decoder + KD, teacher log-variance floor -4",
+    "decoder+kd+mean": "decoder + KD, means only",
+    "decoder+kd+slowhead": "decoder + KD, action head at 0.3x learning rate",
 }
 BASELINE = "scratch"
+
+
+def variant_command(variant: str) -> str:
+    """The ``train_stage2.py`` switches of ``variant``, as a user would type them."""
+    extra = " ".join(VARIANT_OPTIONS.get(variant, ()))
+    demos = " (on `generate --action-noise` demonstrations)" if variant in CORRECTIVE_VARIANTS else ""
+    return f"--baseline {VARIANTS[variant]}" + (f" {extra}" if extra else "") + demos
 
 
 @dataclass
@@ -97,6 +135,13 @@ class Budget:
     # The variant also trained on the priors of smaller corpora, for the scaling axis (None: scaling off); those
     # runs are rolled out at their last step only.
     scaling_variant: str | None = "decoder+kd"
+    # Variants also trained with the other demonstration counts of ``demos`` (None: all variants at every count);
+    # those runs are rolled out at their last step only. The first entry of ``demos`` is the main axis.
+    demos_variants: tuple[str, ...] | None = None
+    # Corrective demonstrations for CORRECTIVE_VARIANTS: executed-action noise (Meta-World action units).
+    demo_action_noise: float = 0.3
+    # Base seed of the closed-loop evaluation scenes (the same for every variant and training seed).
+    eval_seed: int = 0
 
     @property
     def eval_steps(self) -> list[int]:
@@ -118,6 +163,19 @@ BUDGETS = {
     # benchmarks/prior_vs_scratch.py --budget small: all variants, 3 seeds, 3 corpus sizes; < 1 h on 2 CPU cores.
     "small": Budget(name="small", stage1_sizes=(2, 5, 10), stage1_metaworld_tasks=None, stage1_steps=1200,
                     stage1_robosuite_tasks=("Lift",), eval_episodes=8),
+    # benchmarks/prior_vs_scratch.py --budget remedies: the small study's data and prior, every remedy of the full
+    # method and of the distillation, two seeds, final step only (~30 min); picks what the medium budget measures.
+    "remedies": Budget(name="remedies", seeds=(0, 1), stage1_sizes=(10,), stage1_steps=1200,
+                       stage1_robosuite_tasks=("Lift",), eval_every=0, eval_episodes=8, scaling_variant=None,
+                       variants=("scratch", "decoder+kd", "full", "full+dropout", "full+aug", "full+lag", "full+dart",
+                                 "full+dart+aug", "decoder+kd+floor", "decoder+kd+mean", "decoder+kd+slowhead")),
+    # benchmarks/prior_vs_scratch.py --budget medium: enough power to decide (<= ~90 min on 2 CPU cores): 5 tasks,
+    # 3 seeds, 150 closed-loop episodes per variant and checkpoint on scenes the remedies screen never used, 5 / 25
+    # demonstrations for scratch and the best prior variant, 4 Stage-1 corpus sizes.
+    "medium": Budget(name="medium", tasks=(*EASY_MT10, "reach-v3", "drawer-open-v3"), demos=(10, 5, 25),
+                     demos_variants=("scratch", "decoder+kd"), stage1_sizes=(1, 2, 5, 10), stage1_steps=1200,
+                     stage1_robosuite_tasks=("Lift",), eval_every=250, eval_episodes=10, eval_seed=1,
+                     variants=("scratch", "decoder", "decoder+kd", "full", "full+dart+aug")),
     # The study as specified: MT10, 10 and 50 demonstrations, bigger models and budgets (a GPU machine).
     "full": Budget(name="full", tasks=MT10, demos=(10, 50), stage1_sizes=(5, 15, 50), stage1_steps=20000,
                    stage2_preset="small", stage2_steps=5000, stage2_batch_size=32,
@@ -190,7 +248,16 @@ def generate_data(out: str, budget: Budget, workers: int, seed: int) -> dict[str
                  workers=workers, seed=seed)
     else:
         logger.info("demonstrations: using %s", demos)
-    return {"stage1": stage1, "demos": demos}
+    data_paths = {"stage1": stage1, "demos": demos}
+    if set(budget.variants) & set(CORRECTIVE_VARIANTS):
+        corrective = os.path.join(data, "demos_corrective")
+        if not os.path.isdir(corrective):
+            logger.info("generating corrective demonstrations (action noise %g): %d per task", budget.demo_action_noise,
+                        max(budget.demos))
+            generate("metaworld", corrective, episodes=max(budget.demos), tasks=budget.tasks,
+                     image_size=budget.image_size, workers=workers, seed=seed, action_noise=budget.demo_action_noise)
+        data_paths["demos_corrective"] = corrective
+    return data_paths
 
 
 def plan_jobs(out: str, budget: Budget, data: dict) -> tuple[list[Job], list[Job]]:
@@ -208,9 +275,12 @@ def plan_jobs(out: str, budget: Budget, data: dict) -> tuple[list[Job], list[Job
                  "latest", "--seed", "0"]
         stage1_jobs.append(Job(f"stage1/size{size}", argv, os.path.join(run, "final", "eval_results.json"),
                                os.path.join(out, "logs", f"stage1_size{size:03d}.log")))
+    main_demos = budget.demos[0]
     for demos in budget.demos:
         for variant in budget.variants:
-            sizes = budget.stage1_sizes if variant == budget.scaling_variant else (largest,)
+            if demos != main_demos and budget.demos_variants is not None and variant not in budget.demos_variants:
+                continue
+            sizes = budget.stage1_sizes if variant == budget.scaling_variant and demos == main_demos else (largest,)
             for size in sizes:
                 for seed in budget.seeds:
                     name = stage2_name(demos, variant, size, seed, largest)
@@ -219,7 +289,7 @@ def plan_jobs(out: str, budget: Budget, data: dict) -> tuple[list[Job], list[Job
                     argv = [_py(), "-m", "modeling_actprior.study", "_stage2_job", "--out", out,
                             "--budget-json", os.path.join(out, "budget.json"), "--run", run, "--prior", prior,
                             "--demos", str(demos), "--variant", variant, "--seed", str(seed)]
-                    if size != largest:
+                    if size != largest or (demos != main_demos and budget.demos_variants is not None):
                         argv.append("--final-only")
                     stage2_jobs.append(Job(f"stage2/{name}", argv, os.path.join(run, "closed_loop.json"),
                                            os.path.join(out, "logs", f"{name}.log")))
@@ -281,7 +351,7 @@ def _stage2_job(args: argparse.Namespace) -> int:
         budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
     from modeling_actprior.quickstart import _training_script
 
-    data = os.path.join(args.out, "data", "demos")
+    data = os.path.join(args.out, "data", "demos_corrective" if args.variant in CORRECTIVE_VARIANTS else "demos")
     final = os.path.join(args.run, "final")
     if not os.path.isfile(os.path.join(final, "eval_results.json")):
         argv = ["--dataset", data, "--prior", args.prior, "--output_dir", args.run,
@@ -293,10 +363,12 @@ def _stage2_job(args: argparse.Namespace) -> int:
                 "--distill_decay_steps", str(budget.distill_decay_steps),
                 "--checkpoint_every", str(budget.eval_every or budget.stage2_steps),
                 "--keep_last", str(len(budget.eval_steps) + 1), "--eval_every", str(budget.eval_every or 0),
-                "--val_fraction", "0.1", "--log_every", "25", "--no_progress", "--resume_from_checkpoint", "latest"]
+                "--val_fraction", "0.1", "--log_every", "25", "--no_progress", "--resume_from_checkpoint", "latest",
+                *VARIANT_OPTIONS.get(args.variant, ())]
         _training_script("train_stage2").main(argv)
     closed = evaluate_checkpoints(args.run, budget, seed=args.seed, final_only=args.final_only)
-    sensitivity_file(args.run, data)
+    # What the chunk depends on is measured on the clean demonstrations for every variant.
+    sensitivity_file(args.run, os.path.join(args.out, "data", "demos"))
     write_json(os.path.join(args.run, "closed_loop.json"), closed)
     return 0
 
@@ -338,13 +410,16 @@ def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0, final_only: bo
             robot = pipeline("robot-action", model=model, processor=processor, device="cpu")
             # One evaluation scene set for every run: seeds of the study, not of the training run.
             evaluate(f"{run}@{step}", sim="metaworld", tasks=budget.tasks, episodes=budget.eval_episodes, out=path,
-                     seed=0, max_steps=budget.eval_max_steps, image_size=budget.image_size, progress=False,
-                     robot_pipeline=robot)
+                     seed=budget.eval_seed, max_steps=budget.eval_max_steps, image_size=budget.image_size,
+                     progress=False, robot_pipeline=robot)
         with open(path) as f:
             res = json.load(f)
         out["steps"].append({"step": step, "successes": res["overall"]["successes"],
                              "episodes": res["overall"]["episodes"],
-                             "tasks": {t["task"]: [t["successes"], t["episodes"]] for t in res["tasks"]}})
+                             "tasks": {t["task"]: [t["successes"], t["episodes"]] for t in res["tasks"]},
+                             # per task, each episode's success in scene order: what the paired statistics pair
+                             "outcomes": {t["task"]: [bool(e["success"]) for e in t["episodes_detail"]]
+                                          for t in res["tasks"]}})
     return out
 
 
@@ -392,6 +467,47 @@ def input_sensitivity(final: str, dataset: str, windows: int = 96, seed: int = 0
             "change_when_history_swapped": mse(base, swapped_history)}
 
 
+# --------------------------------------------------------------------------------------------- statistics
+def episode_outcomes(run: dict, index: int, seed: int) -> dict[tuple, bool]:
+    """``{(training seed, task, scene index): success}`` of the closed-loop step ``index`` of a run's results (the
+    scenes are the same for every run of a study, so these keys pair episodes across variants)."""
+    step = run["steps"][index]
+    return {(seed, task, i): bool(ok) for task, oks in step.get("outcomes", {}).items() for i, ok in enumerate(oks)}
+
+
+def paired_difference(a: dict, b: dict, resamples: int = 10000, seed: int = 0) -> dict | None:
+    """Mean paired difference ``a - b`` of success over the episodes both hold (same training seed, task and scene),
+    with a 95% percentile bootstrap interval over those pairs. ``a``, ``b``: ``{key: success}``. None without pairs.
+
+    Pairing removes the scene's own difficulty from the comparison (an easy scene is easy for both), so the interval
+    is narrower than two independent Wilson intervals would suggest, and it is the one that decides a difference."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return None
+    d = np.array([float(a[k]) - float(b[k]) for k in keys])
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    return {"mean_difference": float(d.mean()), "ci95": [float(lo), float(hi)], "pairs": len(keys),
+            "a_only": int((d > 0).sum()), "b_only": int((d < 0).sum()), "resamples": int(resamples)}
+
+
+def steps_to_reach(curve: Sequence[dict], target: float) -> dict | None:
+    """The training step at which a success curve (``[{"step", "success_rate"}]``, ascending steps) first reaches
+    ``target``, linearly interpolated between the two checkpoints around the crossing. When the first checkpoint
+    already reaches it, that step is an upper bound (``upper_bound`` True). None when no checkpoint reaches it."""
+    prev = None
+    for c in curve:
+        if c["success_rate"] >= target:
+            if prev is None:
+                return {"step": float(c["step"]), "upper_bound": True}
+            s0, r0, s1, r1 = prev["step"], prev["success_rate"], c["step"], c["success_rate"]
+            frac = 1.0 if r1 == r0 else (target - r0) / (r1 - r0)
+            return {"step": float(s0 + frac * (s1 - s0)), "upper_bound": False}
+        prev = c
+    return None
+
+
 # --------------------------------------------------------------------------------------------- summary
 def summarize(out: str, budget: Budget) -> dict:
     """Collect every finished run into curves, final success, steps-to-baseline and the scaling axis."""
@@ -429,10 +545,13 @@ def summarize(out: str, budget: Budget) -> dict:
             if not runs:
                 continue
             curve = []
-            for i, step in enumerate(budget.eval_steps):
-                k = sum(r["steps"][i]["successes"] for r in runs.values())
-                n = sum(r["steps"][i]["episodes"] for r in runs.values())
-                rates = [r["steps"][i]["successes"] / r["steps"][i]["episodes"] for r in runs.values()]
+            # Steps every seed evaluated (runs rolled out at their last step only have one).
+            steps = sorted(set.intersection(*[{x["step"] for x in r["steps"]} for r in runs.values()]))
+            for step in steps:
+                at = [next(x for x in r["steps"] if x["step"] == step) for r in runs.values()]
+                k = sum(x["successes"] for x in at)
+                n = sum(x["episodes"] for x in at)
+                rates = [x["successes"] / x["episodes"] for x in at]
                 lo, hi = wilson_interval(k, n)
                 curve.append({"step": step, "successes": k, "episodes": n, "success_rate": k / n if n else 0.0,
                               "ci95_low": lo, "ci95_high": hi, "seed_rates": rates,
@@ -442,7 +561,11 @@ def summarize(out: str, budget: Budget) -> dict:
                 k = sum(r["steps"][-1]["tasks"][t][0] for r in runs.values())
                 n = sum(r["steps"][-1]["tasks"][t][1] for r in runs.values())
                 tasks[t] = {"success_rate": k / n if n else 0.0, "ci95": list(wilson_interval(k, n))}
-            per_variant[variant] = {"seeds": sorted(runs), "curve": curve, "final": curve[-1], "tasks": tasks}
+            final_outcomes = {}
+            for seed_, r in runs.items():
+                final_outcomes.update(episode_outcomes(r, -1, seed_))
+            per_variant[variant] = {"seeds": sorted(runs), "curve": curve, "final": curve[-1], "tasks": tasks,
+                                    "_outcomes": final_outcomes}
             sens = []
             for seed in runs:
                 path = os.path.join(out, "stage2", stage2_name(demos, variant, largest, seed, largest), "sensitivity.json")
@@ -459,6 +582,12 @@ def summarize(out: str, budget: Budget) -> dict:
             reach = next((c["step"] for c in v["curve"] if target is not None and c["success_rate"] >= target
                           and c["successes"] > 0), None)
             v["steps_to_baseline_final"] = reach
+            v["steps_to_baseline_final_interpolated"] = (
+                steps_to_reach(v["curve"], target) if target is not None and target > 0 else None)
+        outcomes = {name: v.pop("_outcomes") for name, v in per_variant.items()}
+        for name, v in per_variant.items():
+            if base is not None and name != BASELINE:
+                v["paired_vs_scratch"] = paired_difference(outcomes[name], outcomes[BASELINE])
         summary["demos"][str(demos)] = per_variant
     if budget.scaling_variant:
         demos = min(budget.demos)
@@ -469,9 +598,10 @@ def summarize(out: str, budget: Budget) -> dict:
                 k = sum(r["steps"][-1]["successes"] for r in runs)
                 n = sum(r["steps"][-1]["episodes"] for r in runs)
                 lo, hi = wilson_interval(k, n)
-                summary["scaling"][str(size)] = {"successes": k, "episodes": n, "success_rate": k / n,
-                                                 "ci95_low": lo, "ci95_high": hi, "seeds": len(runs),
-                                                 **summary["priors"].get(str(size), {})}
+                prior = {f"prior_{k_}" if k_ == "episodes" else k_: v_
+                         for k_, v_ in summary["priors"].get(str(size), {}).items()}
+                summary["scaling"][str(size)] = {**prior, "successes": k, "episodes": n, "success_rate": k / n,
+                                                 "ci95_low": lo, "ci95_high": hi, "seeds": len(runs)}
     return summary
 
 
@@ -565,18 +695,27 @@ def markdown_summary(summary: dict) -> str:
         rows = []
         for variant, v in per_variant.items():
             f = v["final"]
+            paired = v.get("paired_vs_scratch")
+            reach = v.get("steps_to_baseline_final_interpolated")
             rows.append({
                 "variant": VARIANT_LABELS.get(variant, variant),
                 "final success": f"{f['success_rate']:.2f} [{f['ci95_low']:.2f}, {f['ci95_high']:.2f}]",
+                "paired Δ vs scratch": "—" if not paired else
+                f"{paired['mean_difference']:+.2f} [{paired['ci95'][0]:+.2f}, {paired['ci95'][1]:+.2f}]",
                 "per seed": " / ".join(f"{r:.2f}" for r in f["seed_rates"]),
                 "success by step": " → ".join(f"{c['success_rate']:.2f}" for c in v["curve"]),
-                "steps to scratch's final": "—" if v["steps_to_baseline_final"] is None else v["steps_to_baseline_final"],
+                "steps to scratch's final": "—" if reach is None else
+                f"{'≤ ' if reach['upper_bound'] else ''}{reach['step']:.0f}",
             })
+        steps = sorted({c["step"] for v in per_variant.values() for c in v["curve"]})
+        n_eps = next(iter(per_variant.values()))["final"]["episodes"]
         lines += [f"**{d} demonstrations per task** ({len(b['tasks'])} tasks: {', '.join(b['tasks'])}; "
-                  f"{b['eval_episodes']} closed-loop episodes per task per seed per checkpoint, checkpoints at steps "
-                  f"{', '.join(str(c['step']) for c in next(iter(per_variant.values()))['curve'])}):", "",
-                  markdown_table(rows, ["variant", "final success", "per seed", "success by step",
-                                        "steps to scratch's final"]), ""]
+                  f"{b['eval_episodes']} closed-loop episodes per task per seed per checkpoint ({n_eps} per variant "
+                  f"at the last), checkpoints at steps {', '.join(str(x) for x in steps)}; Wilson 95% intervals; "
+                  "paired Δ: mean success difference to scratch over the same seed, task and scene, with a 95% "
+                  "bootstrap interval; steps to scratch's final success interpolated between checkpoints):", "",
+                  markdown_table(rows, ["variant", "final success", "paired Δ vs scratch", "per seed",
+                                        "success by step", "steps to scratch's final"]), ""]
         sens = [{"variant": VARIANT_LABELS.get(v, v), "offline MSE": f"{x['sensitivity']['mse_to_truth']:.3f}",
                  "change when the image is swapped": f"{x['sensitivity']['change_when_image_swapped']:.3f}",
                  "change when the history is swapped": f"{x['sensitivity']['change_when_history_swapped']:.3f}"}

@@ -37,6 +37,10 @@ CAMERA_NAME = "front"
 DEFAULT_MAX_ATTEMPTS = 10
 """Seeds tried per requested episode before the episode is given up (the expert failed every time)."""
 
+NOISE_STREAM = 7
+"""Second entropy word of the random stream of executed-action noise (``generate --action-noise``), so the noise of
+an attempt is reproducible and independent of the expert's own draws from the same seed."""
+
 
 def episode_seed(seed: int, sim: str, task: str, robot: str, episode: int, attempt: int = 0) -> int:
     """A 31-bit seed derived from (seed, sim, task, robot, episode, attempt), stable across processes and runs.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -50,8 +51,9 @@ def resolve(sim: str, tasks: Sequence[str] | None = None, robots: Sequence[str] 
 
 
 def _run_job(job: tuple) -> EpisodeResult:
-    sim, task, robot, episode, seed, image_size, max_attempts = job
-    return sim_module(sim).collect_episode(task, robot, episode, seed, image_size, max_attempts)
+    sim, task, robot, episode, seed, image_size, max_attempts, action_noise = job
+    kw = {"action_noise": action_noise} if action_noise else {}
+    return sim_module(sim).collect_episode(task, robot, episode, seed, image_size, max_attempts, **kw)
 
 
 def _versions(sim: str) -> dict[str, str]:
@@ -90,6 +92,7 @@ def generate(
     overwrite: bool = False,
     progress: bool = True,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    action_noise: float = 0.0,
 ) -> list[str]:
     """Generate expert demonstrations in ``sim`` and write them as LeRobot v3 dataset(s).
 
@@ -108,6 +111,11 @@ def generate(
             folder is an error.
         progress: show a tqdm bar.
         max_attempts: seeds tried per episode before it is dropped.
+        action_noise: corrective demonstrations (DART): the standard deviation of Gaussian noise, in the action's own
+            units, added to every *executed* action while the *recorded* action stays the expert's clean one for the
+            state the perturbation led to. Training histories then look like the imperfect ones a policy sees in
+            closed loop, and the labels show how to recover. Meta-World and robosuite (whose experts react to the
+            state); 0 (default) records the expert as is. Recorded in the provenance (``action_noise``).
 
     Returns:
         The dataset roots, one per robot, in the order of ``robots`` (those kept from an earlier run included).
@@ -119,6 +127,12 @@ def generate(
         raise ValueError(f"image_size must be a positive number of pixels or None; got {image_size}.")
     if int(workers) <= 0:
         raise ValueError(f"workers must be >= 1; got {workers}.")
+    action_noise = float(action_noise)
+    if not (math.isfinite(action_noise) and 0.0 <= action_noise <= 1.0):
+        raise ValueError(f"action_noise must be a standard deviation in [0, 1] action units; got {action_noise}.")
+    if action_noise and sim == "pybullet":
+        raise ValueError("action_noise is not supported for pybullet: its IK expert follows a fixed waypoint plan and "
+                         "cannot correct a perturbation. Use --sim metaworld or robosuite.")
     _check_installed(sim)
     from modeling_actprior.data.lerobot_format import LeRobotDatasetWriter
 
@@ -131,7 +145,7 @@ def generate(
         # deterministic, so they are what it would write again) and does the rest.
         existing = [r for r in robots if os.path.exists(roots[r])]
         request = dict(sim=sim, tasks=list(tasks), episodes_per_task=int(episodes), seed=int(seed),
-                       image_size=image_size, max_attempts=int(max_attempts))
+                       image_size=image_size, max_attempts=int(max_attempts), action_noise=action_noise)
         done = {r for r in existing if _written_by(roots[r], dict(request, robot=r))}
         other = [roots[r] for r in existing if r not in done]
         if other:
@@ -142,7 +156,7 @@ def generate(
         if done:
             logger.info("keeping the complete dataset(s) of an earlier run of this request: %s",
                         ", ".join(roots[r] for r in robots if r in done))
-    jobs = [(sim, t, r, i, int(seed), image_size, int(max_attempts))
+    jobs = [(sim, t, r, i, int(seed), image_size, int(max_attempts), action_noise)
             for r in robots if r not in done for t in tasks for i in range(int(episodes))]
     if not jobs:
         return [roots[r] for r in robots]
@@ -173,11 +187,13 @@ def generate(
                     "generator": "modeling_actprior.sim.generate",
                     "sim": sim, "robot": current, "tasks": list(tasks), "episodes_per_task": int(episodes),
                     "seed": int(seed), "image_size": image_size, "max_attempts": int(max_attempts),
+                    "action_noise": action_noise,
                     "instructions": {t: mod.INSTRUCTIONS[t] for t in tasks},
                     "versions": _versions(sim), "python": platform.python_version(),
                     "command": (f"actprior generate --sim {sim} --out {out} --episodes {episodes} "
                                 f"--tasks {','.join(tasks)} --robots {','.join(robots)} --seed {seed}"
-                                + (f" --image-size {image_size}" if image_size else "")),
+                                + (f" --image-size {image_size}" if image_size else "")
+                                + (f" --action-noise {action_noise:g}" if action_noise else "")),
                 }
                 writer = LeRobotDatasetWriter(
                     roots[current], spec, fps=spec.fps, state_names=mod.state_names(current),
@@ -222,7 +238,8 @@ def _written_by(root: str, request: dict) -> bool:
     except (OSError, ValueError, DatasetFormatError):
         return False
     generator = (meta.info.get("actprior") or {}).get("generator") or {}
-    return all(generator.get(k) == v for k, v in request.items())
+    defaults = {"action_noise": 0.0}  # datasets written before the option existed recorded the expert as is
+    return all(generator.get(k, defaults.get(k)) == v for k, v in request.items())
 
 
 def _finish(writer, stats: dict, t0: float) -> str:
@@ -261,6 +278,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--seed", type=int, default=0, help="base seed of every episode")
     parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
                         help="seeds tried per episode before it is dropped")
+    parser.add_argument("--action-noise", type=float, default=0.0, metavar="SIGMA",
+                        help="corrective demonstrations (DART): Gaussian noise of this standard deviation, in action "
+                             "units, on every executed action; the recorded label stays the expert's clean action "
+                             "(metaworld, robosuite; default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing dataset folders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -272,6 +293,7 @@ def run_generate(args: argparse.Namespace) -> list[str]:
         image_size=args.image_size, workers=args.workers, seed=args.seed, overwrite=args.overwrite,
         progress=not getattr(args, "no_progress", False),
         max_attempts=getattr(args, "max_attempts", DEFAULT_MAX_ATTEMPTS),
+        action_noise=getattr(args, "action_noise", 0.0),
     )
     for root in roots:
         print(root)

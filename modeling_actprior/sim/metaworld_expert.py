@@ -25,7 +25,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from . import DEFAULT_MAX_ATTEMPTS, EpisodeResult, check_choices, collect_with_retries, iter_expert_episodes
+from . import (
+    DEFAULT_MAX_ATTEMPTS,
+    NOISE_STREAM,
+    EpisodeResult,
+    check_choices,
+    collect_with_retries,
+    iter_expert_episodes,
+)
 
 SIM = "metaworld"
 ROBOTS: tuple[str, ...] = ("sawyer",)
@@ -172,8 +179,9 @@ def _policy(task: str):
     return ENV_POLICY_MAP[task]()
 
 
-def _rollout(task: str, seed: int, image_size: int | None):
+def _rollout(task: str, seed: int, image_size: int | None, action_noise: float = 0.0):
     env = _env(task)
+    noise_rng = np.random.default_rng([seed, NOISE_STREAM])
     env.seed(seed)
     obs, _ = env.reset()
     policy = _policy(task)
@@ -186,6 +194,8 @@ def _rollout(task: str, seed: int, image_size: int | None):
         if image_size is not None:
             frames.append(_render(env, task, image_size))
         actions.append(a.astype(np.float32))
+        if action_noise > 0:  # DART: execute a perturbed action, keep the expert's clean one as the label
+            a = np.clip(a + action_noise * noise_rng.standard_normal(a.shape), -1.0, 1.0)
         obs, _, terminated, truncated, info = env.step(a)
         if success_at is None and info.get("success", 0.0) > 0.5:
             success_at = t
@@ -196,12 +206,18 @@ def _rollout(task: str, seed: int, image_size: int | None):
 
 
 def collect_episode(task: str, robot: str = "sawyer", episode_index: int = 0, seed: int = 0,
-                    image_size: int | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> EpisodeResult:
-    """One successful, seeded episode of ``task`` (up to ``max_attempts`` seeds)."""
+                    image_size: int | None = None, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                    action_noise: float = 0.0) -> EpisodeResult:
+    """One successful, seeded episode of ``task`` (up to ``max_attempts`` seeds).
+
+    ``action_noise``: standard deviation of Gaussian noise, in action units (the ``[-1, 1]`` mocap delta and
+    gripper effort), added to every executed action (then clipped to ``[-1, 1]``); the recorded action is the
+    expert's clean one for the perturbed state (corrective demonstrations, DART). The noise is drawn from the
+    attempt's seed, so episodes are reproducible."""
     check_choices("task", [task], TASKS, DEFAULT_TASKS, SIM)
     check_choices("robot", [robot], ROBOTS, DEFAULT_ROBOTS, SIM)
     return collect_with_retries(SIM, task, robot, episode_index, seed, max_attempts,
-                                lambda s: _rollout(task, s, image_size), INSTRUCTIONS[task])
+                                lambda s: _rollout(task, s, image_size, action_noise), INSTRUCTIONS[task])
 
 
 def iter_episodes(tasks: Sequence[str] | None = None, robots: Sequence[str] | None = None, episodes: int = 1,

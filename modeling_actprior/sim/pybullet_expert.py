@@ -296,8 +296,14 @@ def _rollout(task: str, robot: str, seed: int, image_size: int | None):
 
 
 def collect_episode(task: str, robot: str, episode_index: int, seed: int = 0, image_size: int | None = None,
-                    max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> EpisodeResult:
-    """One successful, seeded episode of ``task`` on ``robot`` (up to ``max_attempts`` seeds)."""
+                    max_attempts: int = DEFAULT_MAX_ATTEMPTS, action_noise: float = 0.0) -> EpisodeResult:
+    """One successful, seeded episode of ``task`` on ``robot`` (up to ``max_attempts`` seeds).
+
+    ``action_noise`` must be 0: this expert plays a fixed waypoint plan through IK and never reacts to the state, so a
+    perturbed execution would not give corrective labels."""
+    if action_noise:
+        raise ValueError(f"{SIM}: action_noise={action_noise} is not supported: its IK expert follows a fixed waypoint "
+                         "plan and cannot correct a perturbation (no corrective labels). Use metaworld or robosuite.")
     check_choices("task", [task], TASKS, DEFAULT_TASKS, SIM)
     check_choices("robot", [robot], ROBOTS, DEFAULT_ROBOTS, SIM)
     return collect_with_retries(SIM, task, robot, episode_index, seed, max_attempts,

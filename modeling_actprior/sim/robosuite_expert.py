@@ -24,7 +24,14 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from . import DEFAULT_MAX_ATTEMPTS, EpisodeResult, check_choices, collect_with_retries, iter_expert_episodes
+from . import (
+    DEFAULT_MAX_ATTEMPTS,
+    NOISE_STREAM,
+    EpisodeResult,
+    check_choices,
+    collect_with_retries,
+    iter_expert_episodes,
+)
 
 SIM = "robosuite"
 
@@ -263,8 +270,9 @@ class _WaypointExpert:
         return action.astype(np.float32)
 
 
-def _rollout(task: str, robot: str, seed: int, image_size: int | None):
+def _rollout(task: str, robot: str, seed: int, image_size: int | None, action_noise: float = 0.0):
     """Run one seeded attempt. Returns (success, actions (T,7), states (T,S), frames (T,H,W,3) or None, steps)."""
+    noise_rng = np.random.default_rng([seed, NOISE_STREAM])
     env = _make_env(task, robot, image_size)
     _reseed(env, seed)
     obs = env.reset()
@@ -277,6 +285,8 @@ def _rollout(task: str, robot: str, seed: int, image_size: int | None):
         if image_size is not None:
             frames.append(np.ascontiguousarray(obs["agentview_image"][::-1]))
         actions.append(a)
+        if action_noise > 0:  # DART: execute a perturbed action, keep the expert's clean one as the label
+            a = np.clip(a + action_noise * noise_rng.standard_normal(a.shape), -1.0, 1.0).astype(np.float32)
         obs, _, _, _ = env.step(a)
         if expert.finished:
             success = bool(env._check_success()) and expert.phase == len(expert.phases)
@@ -285,12 +295,16 @@ def _rollout(task: str, robot: str, seed: int, image_size: int | None):
 
 
 def collect_episode(task: str, robot: str, episode_index: int, seed: int = 0, image_size: int | None = None,
-                    max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> EpisodeResult:
-    """One successful, seeded episode of ``task`` on ``robot`` (up to ``max_attempts`` seeds)."""
+                    max_attempts: int = DEFAULT_MAX_ATTEMPTS, action_noise: float = 0.0) -> EpisodeResult:
+    """One successful, seeded episode of ``task`` on ``robot`` (up to ``max_attempts`` seeds).
+
+    ``action_noise``: standard deviation of Gaussian noise, in action units (the ``[-1, 1]`` OSC_POSE delta and
+    gripper command), added to every executed action (then clipped); the recorded action is the expert's clean one
+    (corrective demonstrations, DART). Drawn from the attempt's seed."""
     check_choices("task", [task], TASKS, DEFAULT_TASKS, SIM)
     check_choices("robot", [robot], ROBOTS, DEFAULT_ROBOTS, SIM)
     return collect_with_retries(SIM, task, robot, episode_index, seed, max_attempts,
-                                lambda s: _rollout(task, robot, s, image_size), INSTRUCTIONS[task])
+                                lambda s: _rollout(task, robot, s, image_size, action_noise), INSTRUCTIONS[task])
 
 
 def iter_episodes(tasks: Sequence[str] | None = None, robots: Sequence[str] | None = None, episodes: int = 1,
