@@ -109,9 +109,11 @@ def add_config_field_arguments(parser: argparse.ArgumentParser, config_cls, grou
     names = []
     base_fields = {f.name for f in dataclasses.fields(config_cls.__mro__[1])} if dataclasses.is_dataclass(config_cls.__mro__[1]) else set()
     for f in dataclasses.fields(config_cls):
-        if f.name in base_fields or f.name.startswith("_") or f.name.endswith("_config_version") or f.type not in ("int", "float", "str", "bool", int, float, str, bool):
+        # "float | None" (an optional number) takes a number on the command line like "float" does.
+        ftype = f.type.removesuffix(" | None") if isinstance(f.type, str) else f.type
+        if f.name in base_fields or f.name.startswith("_") or f.name.endswith("_config_version") or ftype not in ("int", "float", "str", "bool", int, float, str, bool):
             continue
-        typ = {"int": int, "float": float, "str": str, "bool": _str2bool}.get(f.type, f.type if f.type is not bool else _str2bool)
+        typ = {"int": int, "float": float, "str": str, "bool": _str2bool}.get(ftype, ftype if ftype is not bool else _str2bool)
         group.add_argument(f"--{f.name}", type=typ, default=None, help=f"override {config_cls.__name__}.{f.name}")
         names.append(f.name)
     return names
