@@ -59,6 +59,7 @@ VARIANTS = {
     "full+lag": "full",
     "full+dart": "full",
     "full+dart+aug": "full",
+    "full+dart+aug+slowhead": "full",
     # Distillation remedies (the teacher's sharp posteriors make the KL hundreds of nats early on).
     "decoder+kd+floor": "no_history_token",
     "decoder+kd+mean": "no_history_token",
@@ -66,16 +67,21 @@ VARIANTS = {
 }
 #: Extra ``train_stage2.py`` options of each variant (after the budget's own, so they override them).
 VARIANT_OPTIONS: dict[str, tuple[str, ...]] = {
+    # The paper's full method, spelled out so that it stays itself whatever the `full` baseline's defaults become.
+    "full": ("--history_noise", "0", "--history_shift", "0", "--history_lag", "0", "--history_latent", "mean",
+             "--history_dropout", "0"),
     "full+dropout": ("--history_dropout", "0.5"),
     "full+aug": ("--history_noise", "0.3", "--history_shift", "8", "--history_latent", "sample"),
     "full+lag": ("--history_lag", "8"),
     "full+dart+aug": ("--history_noise", "0.3", "--history_shift", "8", "--history_latent", "sample"),
+    "full+dart+aug+slowhead": ("--history_noise", "0.3", "--history_shift", "8", "--history_latent", "sample",
+                               "--action_head_lr_multiplier", "0.3"),
     "decoder+kd+floor": ("--distill_teacher_logvar_min", "-4"),
     "decoder+kd+mean": ("--distill_match", "mean"),
     "decoder+kd+slowhead": ("--action_head_lr_multiplier", "0.3"),
 }
 #: Variants trained on corrective demonstrations (``generate --action-noise``, ``Budget.demo_action_noise``).
-CORRECTIVE_VARIANTS = ("full+dart", "full+dart+aug")
+CORRECTIVE_VARIANTS = ("full+dart", "full+dart+aug", "full+dart+aug+slowhead")
 VARIANT_LABELS = {
     "scratch": "no prior (random action head)",
     "decoder": "decoder reuse",
@@ -86,6 +92,7 @@ VARIANT_LABELS = {
     "full+lag": "full, history lag 8 (never the executed part of the last chunk)",
     "full+dart": "full, corrective demonstrations (DART)",
     "full+dart+aug": "full, DART + history noise/shift/sample",
+    "full+dart+aug+slowhead": "full, DART + history noise/shift/sample + action head at 0.3x learning rate",
     "decoder+kd+floor": "decoder + KD, teacher log-variance floor -4",
     "decoder+kd+mean": "decoder + KD, means only",
     "decoder+kd+slowhead": "decoder + KD, action head at 0.3x learning rate",
@@ -169,13 +176,16 @@ BUDGETS = {
                        stage1_robosuite_tasks=("Lift",), eval_every=0, eval_episodes=8, scaling_variant=None,
                        variants=("scratch", "decoder+kd", "full", "full+dropout", "full+aug", "full+lag", "full+dart",
                                  "full+dart+aug", "decoder+kd+floor", "decoder+kd+mean", "decoder+kd+slowhead")),
-    # benchmarks/prior_vs_scratch.py --budget medium: enough power to decide (<= ~90 min on 2 CPU cores): 5 tasks,
-    # 3 seeds, 150 closed-loop episodes per variant and checkpoint on scenes the remedies screen never used, 5 / 25
-    # demonstrations for scratch and the best prior variant, 4 Stage-1 corpus sizes.
+    # benchmarks/prior_vs_scratch.py --budget medium: enough power to decide (<= ~90 min on 2 CPU cores): 5 tasks
+    # (two the screen never saw), 3 seeds, 150 closed-loop episodes per variant and checkpoint on scenes the screen
+    # never used (eval_seed 1), the screen's winners beside the paper's variants, 5 / 25 demonstrations for scratch
+    # and the two best prior variants of the screen, 4 Stage-1 corpus sizes.
     "medium": Budget(name="medium", tasks=(*EASY_MT10, "reach-v3", "drawer-open-v3"), demos=(10, 5, 25),
-                     demos_variants=("scratch", "decoder+kd"), stage1_sizes=(1, 2, 5, 10), stage1_steps=1200,
-                     stage1_robosuite_tasks=("Lift",), eval_every=250, eval_episodes=10, eval_seed=1,
-                     variants=("scratch", "decoder", "decoder+kd", "full", "full+dart+aug")),
+                     demos_variants=("scratch", "decoder+kd+slowhead", "full+dart+aug+slowhead"),
+                     stage1_sizes=(1, 2, 5, 10), stage1_steps=1200, stage1_robosuite_tasks=("Lift",), eval_every=250,
+                     eval_episodes=10, eval_seed=1, scaling_variant="decoder+kd+slowhead",
+                     variants=("scratch", "decoder", "decoder+kd", "decoder+kd+slowhead", "full", "full+aug",
+                               "full+dart+aug", "full+dart+aug+slowhead")),
     # The study as specified: MT10, 10 and 50 demonstrations, bigger models and budgets (a GPU machine).
     "full": Budget(name="full", tasks=MT10, demos=(10, 50), stage1_sizes=(5, 15, 50), stage1_steps=20000,
                    stage2_preset="small", stage2_steps=5000, stage2_batch_size=32,
