@@ -28,10 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils import logging as hf_logging
 
 from .action_space import ACTION_NORMALIZER_NAME, ActionNormalizer, check_finite
 from .configuration_actprior import ActionPriorConfig
 from .scheduling_flow_matching import FlowMatchingActionScheduler
+
+logger = hf_logging.get_logger(__name__)
 
 SCHEDULER_SUBFOLDER = "scheduler"
 
@@ -645,9 +648,12 @@ class ActionCheckpointMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         if os.path.isdir(str(pretrained_model_name_or_path)):
+            _check_model_type(str(pretrained_model_name_or_path), cls)
             _verify_checksums(str(pretrained_model_name_or_path))
+        wants_info = kwargs.get("output_loading_info", False)
+        kwargs["output_loading_info"] = True
         try:
-            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as e:
             if type(e).__name__ != "SafetensorError":
                 raise
@@ -655,11 +661,20 @@ class ActionCheckpointMixin:
                 f"The weights in {pretrained_model_name_or_path} cannot be read as safetensors ({e}): the file is "
                 "truncated or was modified. Download or export the checkpoint again."
             ) from None
+        # transformers only prints a load report; tensors it leaves uninitialised would make a model of NaN.
+        problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(problems.values()):
+            listed = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:8]))}"
+                               + (f" and {len(v) - 8} more" if len(v) > 8 else "") for k, v in problems.items() if v)
+            raise ValueError(
+                f"{pretrained_model_name_or_path} does not hold the weights of a {cls.__name__} of its config "
+                f"({listed}). It was saved by another model or is incomplete; export the checkpoint again with "
+                "save_pretrained.")
         _own_aligned_storage(model)
         # The model was built on the meta device; a sampler made here holds real tensors.
         default = FlowMatchingActionScheduler.from_config(model.scheduler.config)
         model.scheduler, model.normalizer = _load_sidecars(pretrained_model_name_or_path, default, kwargs)
-        return model
+        return (model, info) if wants_info else model
 
 
 class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
@@ -864,7 +879,35 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
         latent = self.encode(norm.to(dtype), None, mask, sample=sample_latent, generator=generator)
         chunk = self.sample_actions(latent.sample, mask, num_inference_steps, generator)
         raw = self.normalizer.unnormalize(chunk, embodiment)
+        ensure_finite_actions(self, raw, {"history": norm})
         return raw[0] if single else raw
+
+
+#: Normalized inputs beyond this magnitude are read as the cause of a non-finite chunk (the statistics map the
+#: robot's range to [-1, 1]; values a million times outside it overflow the encoder).
+_IMPLAUSIBLE_NORMALIZED = 1e6
+
+
+def ensure_finite_actions(model: nn.Module, actions: torch.Tensor, inputs: dict[str, torch.Tensor | None]) -> None:
+    """Raise instead of returning a chunk with NaN or inf (it must never reach a robot), naming the cause: a weight
+    that is not finite, else a normalized input (``inputs``: name -> tensor) that is far outside the robot's
+    statistics or not finite."""
+    if bool(torch.isfinite(actions).all()):
+        return
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            raise ValueError(f"The model produced non-finite actions because its weight {name} holds NaN or inf: the "
+                             "checkpoint is corrupt (re-export it; a checksum file would have caught a damaged copy).")
+    for name, x in inputs.items():
+        if x is None or not x.is_floating_point() or not x.numel():
+            continue
+        peak = float(x.abs().max()) if bool(torch.isfinite(x).all()) else float("inf")
+        if peak > _IMPLAUSIBLE_NORMALIZED:
+            raise ValueError(f"The model produced non-finite actions: input {name!r} holds values up to {peak:.3g} in "
+                             "normalized units, far outside the robot's action statistics (about [-1, 1]). Pass the "
+                             "robot's actions in its own units, for the embodiment the statistics belong to.")
+    raise ValueError("The model produced non-finite actions although its weights and inputs are finite; refusing to "
+                     "return them. Check the inputs' scale and the checkpoint's normalization statistics.")
 
 
 CHECKSUMS_NAME = "weights_sha256.json"
@@ -889,16 +932,47 @@ def _write_checksums(folder: str) -> None:
         json.dump(sums, f, indent=2)
 
 
+def _check_model_type(folder: str, cls) -> None:
+    """A clear error when ``folder`` holds another kind of checkpoint than ``cls`` loads (an ``actprior_vla`` folder
+    given where a prior is expected, say), before transformers tries to fit one into the other."""
+    import json
+
+    path = os.path.join(folder, "config.json")
+    expected = getattr(cls.config_class, "model_type", None)
+    if not expected or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            found = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        return  # transformers reports an unreadable config itself
+    if found and found != expected:
+        raise ValueError(f"{folder} is a {found} checkpoint; {cls.__name__} needs an {expected} one (its config.json "
+                         f"says model_type={found!r}). Pass the folder of a {expected} model.")
+
+
 def _verify_checksums(folder: str) -> None:
     import json
 
     path = os.path.join(folder, CHECKSUMS_NAME)
     if not os.path.isfile(path):
+        logger.warning("%s has no %s: its weights cannot be checked against what was saved (verification off). "
+                       "Re-save it with save_pretrained to record them.", folder, CHECKSUMS_NAME)
         return
-    with open(path) as f:
-        sums = json.load(f)
+    try:
+        with open(path) as f:
+            sums = json.load(f)
+        if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+            raise ValueError("expected a JSON object of file name -> sha256 hex digest")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid checksum file ({e}); re-save the checkpoint with save_pretrained, or "
+                         "delete the file to load without verification.") from None
+    root = os.path.realpath(folder)
     for name, expected in sums.items():
-        file = os.path.join(folder, name)
+        file = os.path.realpath(os.path.join(folder, name))
+        if os.path.commonpath([root, file]) != root:
+            raise ValueError(f"{path} lists {name!r}, which lies outside the checkpoint folder: refused. A checksum "
+                             "file only names files inside its own checkpoint.")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{file} is missing: {CHECKSUMS_NAME} lists it. Copy the whole checkpoint folder.")
         if _sha256(file) != expected:

@@ -42,6 +42,7 @@ from .modeling_actprior import (
     ActionPriorPreTrainedModel,
     FlowMatchingActionDecoder,
     check_state,
+    ensure_finite_actions,
     flow_matching_loss,
     integrate_flow,
     sample_flow_time,
@@ -606,7 +607,9 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         self._check_action_inputs(history, history_mask, dim_mask, state=state, batch=b)
         with torch.inference_mode():  # internal only: the chunk returned is an ordinary tensor
             mean, _ = self.encode(input_ids, pixel_values, attention_mask, history, history_mask, dim_mask, state)
-        return self.sample_actions(mean, dim_mask, num_inference_steps, generator, noise, scheduler)
+        chunk = self.sample_actions(mean, dim_mask, num_inference_steps, generator, noise, scheduler)
+        ensure_finite_actions(self, chunk, {"history": history, "state": state, "pixel_values": pixel_values})
+        return chunk
 
     @torch.no_grad()
     def predict_raw_actions(

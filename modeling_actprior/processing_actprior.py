@@ -151,6 +151,10 @@ class ActionPriorProcessor(ProcessorMixin):
                         if hasattr(img, "shape") else type(img).__name__)
                 hint = " Pick one camera: images[cam]." if isinstance(img, dict) else ""
                 raise TypeError(f"Image {i}: expected a PIL image or an (H, W, 3) uint8 array; got {what}.{hint}")
+            h, w = out[-1].shape[:2] if isinstance(out[-1], np.ndarray) else out[-1].size[::-1]
+            if h == 0 or w == 0:
+                raise ValueError(f"Image {i} is empty ({h}x{w} pixels): the camera returned no frame. Pass an RGB image "
+                                 "of at least 1x1 pixels (the processor resizes it for the vision tower).")
         return out
 
     def _tokenize(self, texts: list[str], with_images: bool) -> dict[str, torch.Tensor]:

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .argtypes import MAX_IMAGE_SIZE, MAX_SEED, MIN_IMAGE_SIZE, int_at_least
+
 logger = logging.getLogger(__name__)
 
 EVAL_SIMULATORS = ("metaworld", "robosuite")
@@ -264,6 +266,9 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
     from modeling_actprior.sim import setup_rendering_env
     from modeling_actprior.sim.generate import _check_installed, resolve
 
+    if int(episodes) < 1 or int(execute_steps) < 1 or not MIN_IMAGE_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:
+        raise ValueError(f"evaluate needs episodes >= 1, execute_steps >= 1 and image_size in [{MIN_IMAGE_SIZE}, "
+                         f"{MAX_IMAGE_SIZE}]; got {episodes}, {execute_steps}, {image_size}.")
     if sim not in EVAL_SIMULATORS:
         raise ValueError(f"Closed-loop evaluation supports {', '.join(EVAL_SIMULATORS)}; got {sim!r}.")
     if video_format not in ("gif", "mp4"):
@@ -351,16 +356,17 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--tasks", default=None, help="comma-separated task names (default: the simulator's set)")
     parser.add_argument("--robot", default=None, help="arm (robosuite; default panda)")
     parser.add_argument("--embodiment", default=None, help="the checkpoint's name for the arm (default: --robot)")
-    parser.add_argument("--episodes", type=int, default=10, help="episodes per task")
+    parser.add_argument("--episodes", type=int_at_least(1), default=10, help="episodes per task")
     parser.add_argument("--out", default="results.json", help="results JSON (the chart PNG is written beside it)")
     parser.add_argument("--video-dir", default=None, help="write rollout videos here")
-    parser.add_argument("--video-episodes", type=int, default=1, help="episodes per task recorded with --video-dir")
+    parser.add_argument("--video-episodes", type=int_at_least(0), default=1, help="episodes per task recorded with --video-dir")
     parser.add_argument("--video-format", default="gif", choices=("gif", "mp4"))
-    parser.add_argument("--seed", type=int, default=0, help="base of the evaluation seeds")
-    parser.add_argument("--execute-steps", type=int, default=DEFAULT_EXECUTE_STEPS,
+    parser.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="base of the evaluation seeds")
+    parser.add_argument("--execute-steps", type=int_at_least(1), default=DEFAULT_EXECUTE_STEPS,
                         help="actions executed from each chunk before re-planning")
-    parser.add_argument("--max-steps", type=int, default=None, help="step limit per episode (default: the task's)")
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="camera size of the training data")
+    parser.add_argument("--max-steps", type=int_at_least(1), default=None, help="step limit per episode (default: the task's)")
+    parser.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE,
+                        help="camera size of the training data")
     parser.add_argument("--num-inference-steps", type=int, default=None, help="flow steps (default: the checkpoint's)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-progress", action="store_true")

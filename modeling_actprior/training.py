@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .argtypes import float_in, int_at_least
+
 logger = logging.getLogger("actprior.training")
 
 CHECKPOINT_DIR = "checkpoints"
@@ -80,27 +82,30 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_size: int, 
     p.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="start afresh even if --output_dir holds checkpoints of an earlier run (they are deleted)")
-    p.add_argument("--batch_size", type=int, default=batch_size, help="windows per process per optimizer step")
-    p.add_argument("--learning_rate", type=float, default=learning_rate)
-    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--batch_size", type=int_at_least(1), default=batch_size, help="windows per process per optimizer step")
+    p.add_argument("--learning_rate", type=float_in(0, low_open=True), default=learning_rate)
+    p.add_argument("--weight_decay", type=float_in(0), default=1e-4)
     p.add_argument("--lr_scheduler", default="cosine", choices=["cosine", "linear", "constant", "constant_with_warmup"])
-    p.add_argument("--warmup_steps", type=int, default=warmup_steps)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--warmup_steps", type=int_at_least(0), default=warmup_steps)
+    p.add_argument("--gradient_accumulation_steps", type=int_at_least(1), default=1)
+    p.add_argument("--max_grad_norm", type=float_in(0), default=1.0, help="gradient clipping (0: off)")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default=None,
                    help="default: what `accelerate config` says (fp32 is fastest on CPU)")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of episodes held out, per dataset")
-    p.add_argument("--max_episodes_per_task", type=int, default=0,
+    p.add_argument("--val_fraction", type=float_in(0, 1, high_open=True), default=0.1,
+                   help="share of episodes held out, per dataset")
+    p.add_argument("--max_episodes_per_task", type=int_at_least(0), default=0,
                    help="use only the first N episodes of each task of each dataset (0: all); for data-size studies")
-    p.add_argument("--eval_every", type=int, default=250, help=f"validation {val_loss} every N steps (0: off)")
-    p.add_argument("--checkpoint_every", type=int, default=500, help="save a resumable checkpoint every N steps")
-    p.add_argument("--keep_last", type=int, default=3, help="checkpoints kept on disk")
-    p.add_argument("--eval_windows", type=int, default=eval_windows,
+    p.add_argument("--eval_every", type=int_at_least(0), default=250, help=f"validation {val_loss} every N steps (0: off)")
+    p.add_argument("--checkpoint_every", type=int_at_least(1), default=500, help="save a resumable checkpoint every N steps")
+    p.add_argument("--keep_last", type=int_at_least(1), default=3, help="checkpoints kept on disk")
+    p.add_argument("--eval_windows", type=int_at_least(1), default=eval_windows,
                    help="held-out windows per embodiment in the final evaluation")
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--num_workers", type=int_at_least(0), default=0)
+    p.add_argument("--log_every", type=int_at_least(1), default=10)
     p.add_argument("--report_to", default="none", help="none, tensorboard, wandb, ... (accelerate trackers)")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--allow_changed_options", default="", metavar="NAMES",
+                   help="comma-separated options a resumed run may change on purpose (others are refused)")
 
 
 def add_config_field_arguments(parser: argparse.ArgumentParser, config_cls, group_title: str) -> list[str]:
@@ -141,6 +146,16 @@ def parse_dataset_specs(specs: Sequence[str]) -> list[tuple]:
         if os.path.isfile(os.path.join(path, "meta", "info.json")):
             out.append((path, weight))
             continue
+        marker = os.path.join(path, ".actprior-generate-incomplete.json")  # sim.generate.INCOMPLETE_MARKER
+        if os.path.isfile(marker):
+            try:
+                with open(marker) as f:
+                    command = json.load(f).get("command", "the same `actprior generate` command")
+            except (OSError, ValueError):
+                command = "the same `actprior generate` command"
+            raise ValueError(
+                f"--dataset {spec!r}: this corpus is incomplete: the `actprior generate` run writing it was interrupted "
+                f"before every robot was written ({marker}). Rerun the same generate command to finish it: {command}")
         # Hidden folders and a killed writer's leftovers (``<name>.tmp-<pid>``, ``<name>.old-<pid>``) are no datasets.
         subs = sorted(os.path.join(path, d) for d in (os.listdir(path) if os.path.isdir(path) else [])
                       if os.path.isfile(os.path.join(path, d, "meta", "info.json"))
@@ -152,6 +167,50 @@ def parse_dataset_specs(specs: Sequence[str]) -> list[tuple]:
             )
         out.extend((s, weight) for s in subs)
     return out
+
+
+# --------------------------------------------------------------------------------------------- non-finite loss
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because a batch gave a NaN or inf loss (before the optimizer stepped on it)."""
+
+
+def check_finite_loss(loss: torch.Tensor, step: int, batch: dict, output_dir: str) -> None:
+    """Stop training at once when ``loss`` is not finite, naming the step and the batch's windows (embodiment,
+    episode, frame; those whose actions or history are themselves non-finite or huge first). Called before
+    ``backward``, so no NaN reaches the weights and the checkpoints already on disk stay the latest good ones."""
+    if bool(torch.isfinite(loss.detach()).all()):
+        return
+    emb = batch.get("embodiment") or []
+    eps = batch.get("episode_index")
+    frames = batch.get("frame_index")
+    n = len(emb)
+    suspects = []
+    for key in ("actions", "history", "state"):
+        x = batch.get(key)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim >= 2:
+            flat = x.detach().reshape(x.shape[0], -1).float()
+            bad = (~torch.isfinite(flat)).any(1) | (flat.abs().amax(1) > 1e6)
+            suspects += [(key, int(i)) for i in torch.nonzero(bad).flatten().tolist()]
+
+    def where(i):
+        parts = [emb[i] if i < len(emb) else "?"]
+        if isinstance(eps, torch.Tensor):
+            parts.append(f"episode {int(eps[i])}")
+        if isinstance(frames, torch.Tensor):
+            parts.append(f"frame {int(frames[i])}")
+        return " ".join(parts)
+
+    if suspects:
+        detail = "; ".join(f"{key} of {where(i)} is non-finite or beyond 1e6 in normalized units"
+                           for key, i in suspects[:5])
+    else:
+        detail = "windows: " + ", ".join(where(i) for i in range(min(n, 8))) + (" ..." if n > 8 else "")
+    ckpts = list_checkpoints(output_dir)
+    latest = ckpts[-1] if ckpts else None
+    raise NonFiniteLossError(
+        f"Non-finite loss ({float(loss.detach()):g}) at step {step + 1}: {detail}. Training stopped before the optimizer "
+        f"used it; {'the latest good checkpoint is ' + latest if latest else 'no checkpoint was written'}. Check those "
+        "episodes with `actprior validate` (a value far outside the dataset's statistics), or lower --learning_rate.")
 
 
 # --------------------------------------------------------------------------------------------- data order
@@ -596,14 +655,48 @@ def save_checkpoint(accelerator, output_dir: str, step: int, trainer_state: dict
     return final
 
 
+#: Options a resumed run may change without altering what it computes (where it logs, how often it saves...).
+RESUME_HARMLESS_OPTIONS = frozenset({
+    "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "no_progress", "log_every", "checkpoint_every",
+    "keep_last", "report_to", "num_workers", "eval_every", "eval_windows", "config", "allow_changed_options",
+})
+
+
+def check_resume_options(checkpoint: str, options: dict) -> None:
+    """Refuse to resume ``checkpoint`` with options that change the result (another dataset, batch size, learning
+    rate, preset, seed...): the run would silently mix two experiments. ``options["allow_changed_options"]`` (a
+    comma-separated list) lets named ones through on purpose. A ``max_steps`` below the checkpoint's step is refused
+    too (it would save a "final" model that is not the run's end)."""
+    state = load_trainer_state(checkpoint)
+    saved = state.get("args") or {}
+    allowed = set(RESUME_HARMLESS_OPTIONS)
+    allowed |= {x.strip() for x in str(options.get("allow_changed_options") or "").split(",") if x.strip()}
+    changed = sorted(k for k in set(saved) | set(options) if k not in allowed and k != "max_steps"
+                     and saved.get(k) != options.get(k))
+    step = int(state.get("step", 0))
+    if "max_steps" not in allowed and options.get("max_steps") is not None and int(options["max_steps"]) < step:
+        raise ValueError(f"--max_steps {options['max_steps']} is below the step of the checkpoint being resumed "
+                         f"({checkpoint}, step {step}). Resume with --max_steps >= {step}, or start a new run.")
+    if changed:
+        listed = ", ".join(f"--{k} {saved.get(k)!r} -> {options.get(k)!r}" for k in changed[:8])
+        raise ValueError(
+            f"Resuming {checkpoint} with other options than the run was started with ({listed}) would mix two runs. "
+            "Resume with the same options, start a new --output_dir, or pass --allow_changed_options "
+            f"{','.join(changed)} if the change is deliberate.")
+
+
 def start_or_resume(accelerator, output_dir: str, resume_from: str | None, overwrite: bool, *, model, optimizer,
-                    lr_scheduler=None) -> tuple[int, list]:
+                    lr_scheduler=None, options: dict | None = None) -> tuple[int, list]:
     """Resume from ``resume_from`` ("latest" or a folder) and return ``(step, history)``; or start at step 0.
 
     Starting afresh in a folder that holds an earlier run's checkpoints is refused unless ``overwrite`` (then
-    they are deleted), so two runs never mix. Call on every rank, after ``accelerator.prepare``.
+    they are deleted), so two runs never mix; resuming with ``options`` (the run's command-line options) that differ
+    from the checkpoint's in a way that changes the result is refused too (``check_resume_options``). Call on every
+    rank, after ``accelerator.prepare``.
     """
     resume = resolve_resume(output_dir, resume_from)
+    if resume and options is not None:
+        check_resume_options(resume, options)
     earlier = list_checkpoints(output_dir)
     if earlier and not resume:
         if not overwrite:

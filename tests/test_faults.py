@@ -238,9 +238,15 @@ def test_interrupted_generation_reruns_to_the_uninterrupted_datasets(tmp_path):
     # Killed while the second robot is being written: the first one is complete.
     second_in_progress = lambda d: (d / "sawyer" / "meta" / "info.json").is_file() and any(d.glob("xarm6.tmp-*"))  # noqa: E731
     assert run_and_kill(generate_command(out, delay=0.05), out, second_in_progress)
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("xarm6.tmp-")) == ["sawyer"]
+    marker = ".actprior-generate-incomplete.json"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("xarm6.tmp-")) == [marker, "sawyer"]
     assert dataset_problems(out / "sawyer") == []
     kept = (out / "sawyer" / "meta" / "info.json").stat().st_mtime_ns
+    # The parent folder says it is incomplete, and training refuses it rather than train on one robot.
+    from modeling_actprior.training import parse_dataset_specs
+
+    with pytest.raises(ValueError, match="incomplete.*Rerun the same generate command"):
+        parse_dataset_specs([str(out)])
 
     # The rerun keeps the complete robot, writes the other, and clears what the killed writer left.
     assert fake_generate(str(out)) == [str(out / "sawyer"), str(out / "xarm6")]

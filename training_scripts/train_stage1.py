@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import modeling_actprior as ap
+from modeling_actprior.argtypes import MAX_SEED, int_at_least
 from modeling_actprior.data import (
     ActionWindowDataset,
     MixtureDataset,
@@ -48,6 +49,7 @@ from modeling_actprior.training import (
     add_training_arguments,
     atomic_folder,
     check_chunk_fits,
+    check_finite_loss,
     check_output_dir_writable,
     close_distributed,
     endless_batches,
@@ -75,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", nargs="+", required=False, default=None,
                    help="LeRobot dataset folders (or folders of them), each optionally PATH:WEIGHT for the mixture")
     p.add_argument("--output_dir", default="runs/stage1")
-    p.add_argument("--max_steps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_steps", type=int_at_least(1), default=1000)
+    p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     p.add_argument("--model_preset", choices=sorted(ap.ACTPRIOR_PRESETS), default="small")
     add_training_arguments(p, batch_size=64, learning_rate=3e-4, warmup_steps=100, eval_windows=1024,
                            val_loss="flow loss")
@@ -165,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     state = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
 
     step, history = start_or_resume(accelerator, args.output_dir, args.resume_from_checkpoint,
-                                    args.overwrite_output_dir, **state)
+                                    args.overwrite_output_dir, **state, options=jsonable(vars(args)))
 
     consumed = step * args.gradient_accumulation_steps * per_step
     batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
@@ -194,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             t1 = time.perf_counter()
             with accelerator.accumulate(model):
                 out = model(**batch)
+                check_finite_loss(out.loss, step, batch, args.output_dir)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 import modeling_actprior as ap
+from modeling_actprior.argtypes import MAX_SEED, int_at_least
 from modeling_actprior.configuration_actprior_vla import VLA_BASELINES, VLA_PRESETS, VLM_FAMILIES
 from modeling_actprior.data import (
     IMAGE,
@@ -57,6 +58,7 @@ from modeling_actprior.training import (
     add_training_arguments,
     atomic_folder,
     check_chunk_fits,
+    check_finite_loss,
     check_output_dir_writable,
     close_distributed,
     endless_batches,
@@ -86,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LeRobot dataset folders with camera images (or folders of them), each optionally PATH:WEIGHT")
     p.add_argument("--prior", default=None, help="a trained Stage-1 prior (train_stage1.py's final/ folder or a Hub id)")
     p.add_argument("--output_dir", default="runs/stage2")
-    p.add_argument("--max_steps", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_steps", type=int_at_least(1), default=1000)
+    p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     p.add_argument("--model_preset", choices=sorted(VLA_PRESETS), default="tiny", help="size of the VLM backbone")
     p.add_argument("--vlm_family", choices=VLM_FAMILIES, default="llava")
     p.add_argument("--baseline", choices=sorted(VLA_BASELINES), default=None,
@@ -226,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     state = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
 
     step, history = start_or_resume(accelerator, args.output_dir, args.resume_from_checkpoint,
-                                    args.overwrite_output_dir, **state)
+                                    args.overwrite_output_dir, **state, options=jsonable(vars(args)))
 
     collate = VLACollator(processor, corpus["camera"])
     consumed = step * args.gradient_accumulation_steps * per_step
@@ -258,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             t1 = time.perf_counter()
             with accelerator.accumulate(model):
                 out = model(**batch, step=step)
+                check_finite_loss(out.loss, step, batch, args.output_dir)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)

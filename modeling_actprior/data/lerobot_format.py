@@ -312,9 +312,11 @@ class LeRobotDatasetWriter:
         self.png_compress_level = int(png_compress_level)
         if self.chunks_size <= 0 or self.data_files_size_bytes <= 0:
             raise ValueError("chunks_size and data_files_size_in_mb must be positive.")
-        _undo_interrupted_writes(self.root)
+        undo_interrupted_writes(self.root)
         if os.path.exists(self.root) and not self.overwrite:
             raise FileExistsError(f"{self.root} already exists; pass overwrite=True to replace it.")
+        if os.path.lexists(self.root):
+            check_replaceable(self.root)
         self.tmp_root = f"{self.root}.tmp-{os.getpid()}"
         if os.path.exists(self.tmp_root):
             shutil.rmtree(self.tmp_root)
@@ -627,6 +629,46 @@ class LeRobotDatasetWriter:
         self._closed = True
 
 
+#: What a dataset this library wrote may hold: the LeRobot v3 layout (and a Hub card). ``overwrite`` replaces
+#: nothing else.
+_WRITTEN_FILES = re.compile(
+    r"(meta/(info\.json|stats\.json|tasks\.parquet|episodes/chunk-\d+/file-\d+\.parquet)"
+    r"|data/chunk-\d+/file-\d+\.parquet|videos/[^/]+/chunk-\d+/file-\d+\.mp4|README\.md|\.gitattributes)")
+
+
+def check_replaceable(root: str) -> None:
+    """Refuse to replace ``root`` unless it is a dataset this library wrote (its ``meta/info.json`` carries the
+    ``actprior`` block) holding nothing but the dataset's own files, or an empty folder: ``overwrite`` must never
+    delete a user's files. The error names what would have been lost."""
+    if os.path.isdir(root) and not os.path.islink(root) and not os.listdir(root):
+        return
+    info = os.path.join(root, INFO_PATH)
+    written = False
+    if os.path.isfile(info):
+        try:
+            with open(info) as f:
+                written = ACTPRIOR_KEY in json.load(f)
+        except (OSError, ValueError):
+            written = False
+    if not written or os.path.islink(root) or not os.path.isdir(root):
+        raise FileExistsError(
+            f"{root} exists and is not a dataset written by actprior (no {INFO_PATH} with an '{ACTPRIOR_KEY}' block), "
+            "so overwrite will not replace it: nothing was changed. Choose another --out, or move that folder away "
+            "yourself.")
+    foreign = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            rel = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            if not _WRITTEN_FILES.fullmatch(rel) or os.path.islink(os.path.join(folder, name)):
+                foreign.append(os.path.join(folder, name))
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise FileExistsError(
+            f"{root} is an actprior dataset but also holds files it did not write ({', '.join(foreign[:5])}{more}), "
+            "which overwrite would delete: nothing was changed. Move them out of the folder, or choose another --out.")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -637,7 +679,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _undo_interrupted_writes(root: str) -> None:
+def undo_interrupted_writes(root: str) -> None:
     """Clear what a writer killed mid-way left beside ``root``: its ``.tmp-<pid>`` folder and, if it was killed
     between the two renames of an overwrite, the previous dataset ``.old-<pid>`` (renamed back onto ``root``).
     Folders of writers still running are left alone."""
@@ -1237,6 +1279,10 @@ class TrajectoryDataset:
         return f"TrajectoryDataset({self.meta!r})"
 
 
+#: A value more than this many times the dataset's recorded range (stats min..max) outside it is refused.
+OUTLIER_SPANS = 100
+
+
 def _validate_data(ds: TrajectoryDataset) -> None:
     meta = ds.meta
     n = meta.num_frames
@@ -1291,6 +1337,15 @@ def _validate_data(ds: TrajectoryDataset) -> None:
         width = int(meta.features[key]["shape"][0])
         if col.width != width:
             raise DatasetFormatError(f"{files[0]}: {key} rows have {col.width} values; info.json says {width}.")
+        # Values this far outside the dataset's own recorded range are corrupt, not a rare motion: they would
+        # normalize to ~1e3 and beyond and drive training to NaN.
+        lo = hi = None
+        st = meta.stats.get(key) if isinstance(meta.stats, dict) else None
+        if st and "min" in st and "max" in st:
+            mn, mx = np.asarray(st["min"], dtype=np.float64), np.asarray(st["max"], dtype=np.float64)
+            if mn.shape == (width,) and mx.shape == (width,):
+                span = np.maximum(mx - mn, 1e-3)
+                lo, hi = mn - OUTLIER_SPANS * span, mx + OUTLIER_SPANS * span
         for start, a in col.chunks():
             finite = np.isfinite(a).all(axis=1)
             if not finite.all():
@@ -1300,6 +1355,17 @@ def _validate_data(ds: TrajectoryDataset) -> None:
                 raise DatasetFormatError(
                     f"{path}: episode {e}, frame {f}: {key} contains NaN or inf (dimension {dim}, value "
                     f"{a[r, dim]}). Clean or drop those frames.")
+            if lo is not None:
+                out = ((a < lo) | (a > hi)).any(axis=1)
+                if out.any():
+                    r = int(np.flatnonzero(out)[0])
+                    dim = int(np.flatnonzero((a[r] < lo) | (a[r] > hi))[0])
+                    e, f, path = where(start + r)
+                    raise DatasetFormatError(
+                        f"{path}: episode {e}, frame {f}: {key} dimension {dim} is {a[r, dim]:.6g}, more than "
+                        f"{OUTLIER_SPANS} times the dataset's range [{mn[dim]:.6g}, {mx[dim]:.6g}] "
+                        f"({STATS_PATH}) outside it: a corrupt value. Fix or drop the frame, or recompute the "
+                        "statistics if it is real.")
     # Row ranges of each data file must contain the episodes the metadata assigns to it.
     pairs = list(zip(meta.episodes["data/chunk_index"], meta.episodes["data/file_index"]))
     order = {p: i for i, p in enumerate(sorted(set(pairs)))}

@@ -22,11 +22,14 @@ import platform
 import time
 from collections.abc import Sequence
 
+from ..argtypes import MAX_IMAGE_SIZE, MAX_SEED, MIN_IMAGE_SIZE, float_in, int_at_least
 from . import CAMERA_NAME, DEFAULT_MAX_ATTEMPTS, EpisodeResult, check_choices
 
 logger = logging.getLogger(__name__)
 
 SIMULATORS = ("metaworld", "robosuite", "pybullet")
+#: File in the parent folder of a several-robot corpus while ``generate`` is still writing it.
+INCOMPLETE_MARKER = ".actprior-generate-incomplete.json"
 _MODULES = {
     "metaworld": "modeling_actprior.sim.metaworld_expert",
     "robosuite": "modeling_actprior.sim.robosuite_expert",
@@ -123,8 +126,9 @@ def generate(
     mod, tasks, robots = resolve(sim, tasks, robots)
     if int(episodes) <= 0:
         raise ValueError(f"episodes must be a positive number of episodes per task per robot; got {episodes}.")
-    if image_size is not None and int(image_size) <= 0:
-        raise ValueError(f"image_size must be a positive number of pixels or None; got {image_size}.")
+    if image_size is not None and not MIN_IMAGE_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be a number of pixels in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (the "
+                         f"simulators' offscreen framebuffers) or None; got {image_size}.")
     if int(workers) <= 0:
         raise ValueError(f"workers must be >= 1; got {workers}.")
     action_noise = float(action_noise)
@@ -134,11 +138,17 @@ def generate(
         raise ValueError("action_noise is not supported for pybullet: its IK expert follows a fixed waypoint plan and "
                          "cannot correct a perturbation. Use --sim metaworld or robosuite.")
     _check_installed(sim)
-    from modeling_actprior.data.lerobot_format import LeRobotDatasetWriter
+    from modeling_actprior.data.lerobot_format import LeRobotDatasetWriter, check_replaceable, undo_interrupted_writes
 
     image_size = int(image_size) if image_size is not None else None
     out = os.path.abspath(os.fspath(out))
     roots = {r: (out if len(robots) == 1 else os.path.join(out, r)) for r in robots}
+    for root in roots.values():
+        undo_interrupted_writes(root)  # what a killed earlier run left beside each dataset
+    if overwrite:
+        for root in roots.values():
+            if os.path.lexists(root):
+                check_replaceable(root)  # before any episode is simulated: never a user's folder
     done: set[str] = set()
     if not overwrite:
         # A rerun after an interruption keeps the robots already written by the same request (generation is
@@ -158,8 +168,20 @@ def generate(
                         ", ".join(roots[r] for r in robots if r in done))
     jobs = [(sim, t, r, i, int(seed), image_size, int(max_attempts), action_noise)
             for r in robots if r not in done for t in tasks for i in range(int(episodes))]
+    marker = os.path.join(out, INCOMPLETE_MARKER) if len(robots) > 1 else None
     if not jobs:
+        if marker and os.path.exists(marker):
+            os.remove(marker)
         return [roots[r] for r in robots]
+    if marker:
+        # A corpus of several robots is complete only when every robot is: until then the parent folder says so, and
+        # training refuses it (``training.parse_dataset_specs``).
+        from modeling_actprior.training import write_json
+
+        os.makedirs(out, exist_ok=True)
+        write_json(marker, {"generator": "modeling_actprior.sim.generate", "sim": sim, "robots": list(robots),
+                            "complete": sorted(done), "command": _command(sim, out, episodes, tasks, robots, seed,
+                                                                          image_size, action_noise)})
 
     pool = None
     if int(workers) > 1:
@@ -190,10 +212,7 @@ def generate(
                     "action_noise": action_noise,
                     "instructions": {t: mod.INSTRUCTIONS[t] for t in tasks},
                     "versions": _versions(sim), "python": platform.python_version(),
-                    "command": (f"actprior generate --sim {sim} --out {out} --episodes {episodes} "
-                                f"--tasks {','.join(tasks)} --robots {','.join(robots)} --seed {seed}"
-                                + (f" --image-size {image_size}" if image_size else "")
-                                + (f" --action-noise {action_noise:g}" if action_noise else "")),
+                    "command": _command(sim, out, episodes, tasks, robots, seed, image_size, action_noise),
                 }
                 writer = LeRobotDatasetWriter(
                     roots[current], spec, fps=spec.fps, state_names=mod.state_names(current),
@@ -224,7 +243,16 @@ def generate(
         if pool is not None:
             pool.terminate()
             pool.join()
+    if marker:
+        os.remove(marker)
     return [roots[r] for r in robots]
+
+
+def _command(sim, out, episodes, tasks, robots, seed, image_size, action_noise) -> str:
+    """The ``actprior generate`` command line of a request."""
+    return (f"actprior generate --sim {sim} --out {out} --episodes {episodes} --tasks {','.join(tasks)} "
+            f"--robots {','.join(robots)} --seed {seed}" + (f" --image-size {image_size}" if image_size else "")
+            + (f" --action-noise {action_noise:g}" if action_noise else ""))
 
 
 def _written_by(root: str, request: dict) -> bool:
@@ -268,17 +296,18 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """Arguments of ``actprior generate``."""
     parser.add_argument("--sim", required=True, choices=SIMULATORS, help="simulator to generate in")
     parser.add_argument("--out", required=True, help="dataset folder (one robot) or parent of <embodiment>/ folders")
-    parser.add_argument("--episodes", type=int, required=True, help="successful episodes per task per robot")
+    parser.add_argument("--episodes", type=int_at_least(1), required=True, help="successful episodes per task per robot")
     parser.add_argument("--tasks", type=_csv, default=None,
                         help="comma-separated task names (default: Meta-World MT10; all robosuite/pybullet tasks)")
     parser.add_argument("--robots", type=_csv, default=None,
                         help="comma-separated embodiment names (default: sawyer / panda / all pybullet arms)")
-    parser.add_argument("--image-size", type=int, default=None, help="record one square RGB camera of this size")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (spawn pool)")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of every episode")
-    parser.add_argument("--max-attempts", type=int, default=DEFAULT_MAX_ATTEMPTS,
+    parser.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=None,
+                        help="record one square RGB camera of this size (pixels)")
+    parser.add_argument("--workers", type=int_at_least(1), default=1, help="worker processes (spawn pool)")
+    parser.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="base seed of every episode")
+    parser.add_argument("--max-attempts", type=int_at_least(1), default=DEFAULT_MAX_ATTEMPTS,
                         help="seeds tried per episode before it is dropped")
-    parser.add_argument("--action-noise", type=float, default=0.0, metavar="SIGMA",
+    parser.add_argument("--action-noise", type=float_in(0, 1), default=0.0, metavar="SIGMA",
                         help="corrective demonstrations (DART): Gaussian noise of this standard deviation, in action "
                              "units, on every executed action; the recorded label stays the expert's clean action "
                              "(metaworld, robosuite; default 0)")
