@@ -129,13 +129,17 @@ def register_embodiment(spec: EmbodimentSpec, exist_ok: bool = True) -> Embodime
     if known is not None:
         if known == spec:
             return known
-        if known.action_dim != spec.action_dim or not exist_ok:
+        defining = ("action_dim", "action_names", "control_mode", "fps")
+        differ = [f for f in defining if getattr(known, f) != getattr(spec, f)]
+        if differ or not exist_ok:
             raise ValueError(
                 f"Embodiment {spec.name!r} is already registered with action_dim={known.action_dim} "
-                f"({', '.join(known.action_names)}); the new spec has action_dim={spec.action_dim} "
-                f"({', '.join(spec.action_names)}). Give the new robot its own name."
+                f"({', '.join(known.action_names)}), {known.control_mode}, {known.fps:g} fps; the new spec has "
+                f"action_dim={spec.action_dim} ({', '.join(spec.action_names)}), {spec.control_mode}, {spec.fps:g} fps "
+                f"(differs in {', '.join(differ) or 'its description'}). Two robots under one name would be pooled "
+                "as one: give the new robot its own name."
             )
-        return known
+        return known  # only the description differs
     EMBODIMENT_REGISTRY[spec.name] = spec
     return spec
 
@@ -196,6 +200,14 @@ class EmbodimentStats:
         out = cls(**{k: (np.asarray(d[k], dtype=np.float64).reshape(-1).tolist() if k != "count" else int(np.asarray(d[k]).reshape(-1)[0]))
                      for k in cls.__dataclass_fields__ if k in d})
         check_finite(np.asarray(out.mean + out.std + out.q01 + out.q99), "action statistics")
+        q01, q99, std = np.asarray(out.q01), np.asarray(out.q99), np.asarray(out.std)
+        if not (len(q01) == len(q99) == len(std) == len(out.mean)):
+            raise ValueError(f"Action statistics have mismatched widths: mean {len(out.mean)}, std {len(std)}, q01 "
+                             f"{len(q01)}, q99 {len(q99)}; expected one value per action dimension in each.")
+        if (q01 > q99).any() or (std < 0).any():
+            d = int(np.flatnonzero((q01 > q99) | (std < 0))[0])
+            raise ValueError(f"Action statistics are impossible at dimension {d}: q01={q01[d]:g}, q99={q99[d]:g}, "
+                             f"std={std[d]:g} (expected q01 <= q99 and std >= 0). Recompute the statistics.")
         return out
 
     def to_dict(self) -> dict:

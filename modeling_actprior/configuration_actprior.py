@@ -6,6 +6,8 @@ nothing from the installed package.
 
 from __future__ import annotations
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
@@ -152,7 +154,10 @@ class ActionPriorConfig(PreTrainedConfig):
             raise ValueError(
                 f"ActionPriorConfig needs 0 <= time_min < time_max <= 1; got {self.time_min}, {self.time_max}."
             )
-        if self.kl_weight < 0 or not (0.0 <= self.dropout < 1.0):
+        if not (math.isfinite(self.logvar_min) and math.isfinite(self.logvar_max) and self.logvar_min < self.logvar_max):
+            raise ValueError(f"ActionPriorConfig needs finite logvar_min < logvar_max; got {self.logvar_min}, "
+                             f"{self.logvar_max}.")
+        if not math.isfinite(self.kl_weight) or self.kl_weight < 0 or not (0.0 <= self.dropout < 1.0):
             raise ValueError(
                 f"ActionPriorConfig needs kl_weight >= 0 and 0 <= dropout < 1; got {self.kl_weight}, {self.dropout}."
             )

@@ -191,6 +191,13 @@ class VLAWithPriorConfig(PreTrainedConfig):
             self.custom_pipelines = {task: info for task, info in custom.items() if task not in known}
 
     def _check(self) -> None:
+        for name in ("history_token", "freeze_history_encoder", "use_prior_decoder"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"VLAWithPriorConfig.{name} must be true or false; got {getattr(self, name)!r}.")
+        for name in ("distill_weight", "history_dropout", "action_head_lr_multiplier", "lora_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"VLAWithPriorConfig.{name} must be a finite number; got {value!r}.")
         if self.distill_weight < 0 or self.distill_hold_steps < 0 or self.distill_decay_steps < 0:
             raise ValueError(
                 "VLAWithPriorConfig needs distill_weight >= 0, distill_hold_steps >= 0 and distill_decay_steps >= 0; "

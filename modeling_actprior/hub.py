@@ -430,7 +430,12 @@ def run_push(args: argparse.Namespace) -> int:
         done.append(push_dataset(args.dataset, args.dataset_repo_id, args.private, args.token, args.endpoint,
                                  args.license))
     if args.model:
-        done.append(push_model(args.model, args.repo_id, args.private, args.results, args.dataset_repo_id,
+        from .checkpoint_paths import resolve_model_path
+
+        model = resolve_model_path(args.model, "--model", None, "train_stage1.py or train_stage2.py makes one")
+        if not os.path.isdir(model):
+            raise SystemExit(f"actprior push: --model {args.model} must be a local folder to upload.")
+        done.append(push_model(model, args.repo_id, args.private, args.results, args.dataset_repo_id,
                                args.base_model, args.token, args.endpoint, args.license))
     for d in done:
         print(f"{d['repo_type']} {d['repo_id']}: {'new commit ' + d['commit'] if d['changed'] else 'unchanged'} "

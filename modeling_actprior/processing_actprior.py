@@ -160,7 +160,17 @@ class ActionPriorProcessor(ProcessorMixin):
     def _tokenize(self, texts: list[str], with_images: bool) -> dict[str, torch.Tensor]:
         tok = self.tokenizer
         prefix = [self.image_token_id] * (self.num_image_tokens if with_images else 0) + [tok.bos_token_id]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"Instruction {i} must be a string; got {type(t).__name__}.")
         words = tok(texts, add_special_tokens=False)["input_ids"]
+        specials = {self.image_token_id, tok.bos_token_id, tok.pad_token_id}
+        for i, w in enumerate(words):
+            if specials & set(w):
+                # e.g. "<image>" typed into an instruction: it would take an image feature's place in the sequence
+                token = tok.convert_ids_to_tokens(next(x for x in w if x in specials))
+                raise ValueError(f"Instruction {i} ({texts[i]!r}) contains the special token {token!r}, which marks "
+                                 "where image features or padding go; remove it from the instruction.")
         rows = [prefix + w[: self.max_text_length] for w in words]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)

@@ -279,6 +279,9 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
     robot = robots[0]
     embodiment = embodiment or robot
     if robot_pipeline is None:
+        from .checkpoint_paths import resolve_model_path
+
+        model = resolve_model_path(model, "--model", "actprior_vla", "train_stage2.py makes one")
         robot_pipeline = pipeline("robot-action", model=model, device=device or ("cuda" if torch.cuda.is_available()
                                                                                else "cpu"))
     robot_pipeline.normalizer.spec(embodiment)  # fail before any rollout if the checkpoint lacks this robot

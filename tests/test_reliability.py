@@ -209,3 +209,78 @@ def test_checksum_manifest_cannot_point_outside_the_checkpoint_and_its_absence_i
     finally:
         hf_logging.disable_propagation()
     assert "verification off" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------- 9. stale cache
+def test_a_data_file_rewritten_with_its_mtime_restored_is_not_served_from_the_cache(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from modeling_actprior.data import load_lerobot_dataset
+
+    root = make_corpus(tmp_path / "c", embodiments=("sawyer",), n_episodes=3, length=12)[0]
+    cache = str(tmp_path / "cache")
+    first = load_lerobot_dataset(root, cache_dir=cache)
+    path = next(p for p in first.meta.data_files())
+    stat = os.stat(path)
+    table = pq.read_table(path).to_pandas()
+    row = table["action"].iloc[3].copy()
+    row[0] = 1e6
+    table.at[3, "action"] = row
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(Exception, match="corrupt value"):
+        load_lerobot_dataset(root, cache_dir=cache)  # the new content is read, and validated
+    again = load_lerobot_dataset(root, validate=False, cache_dir=cache)
+    assert float(np.asarray(again.hf_dataset[3]["action"])[0]) == 1e6
+
+
+# --------------------------------------------------------------------------------------------- 11. impossible values
+def test_impossible_statistics_and_config_values_are_refused():
+    from modeling_actprior.action_space import EmbodimentStats
+
+    stats = {"mean": [0.0, 0.0], "std": [1.0, 1.0], "q01": [-1.0, 2.0], "q99": [1.0, 1.0]}
+    with pytest.raises(ValueError, match="dimension 1: q01=2"):
+        EmbodimentStats.from_dict(stats)
+    with pytest.raises(ValueError, match="logvar_min < logvar_max"):
+        ap.ActionPriorConfig.from_preset("tiny", logvar_min=5.0, logvar_max=4.0)
+    with pytest.raises(ValueError, match="kl_weight"):
+        ap.ActionPriorConfig.from_preset("tiny", kl_weight=float("nan"))
+    with pytest.raises(ValueError, match="history_token must be true or false"):
+        ap.VLAWithPriorConfig.from_preset("tiny", history_token="yes")
+
+
+def test_two_robots_under_one_name_with_other_definitions_are_not_pooled():
+    from modeling_actprior.action_space import EmbodimentSpec, register_embodiment
+
+    register_embodiment(EmbodimentSpec("test_arm_once", 2, ("a", "b"), "ee_delta", 10.0))
+    register_embodiment(EmbodimentSpec("test_arm_once", 2, ("a", "b"), "ee_delta", 10.0, "same robot"))
+    with pytest.raises(ValueError, match="differs in action_names, control_mode, fps"):
+        register_embodiment(EmbodimentSpec("test_arm_once", 2, ("x", "y"), "joint_position", 30.0))
+
+
+# --------------------------------------------------------------------------------------------- 12. messages
+def test_model_arguments_accept_run_folders_and_explain_the_rest(tmp_path):
+    from modeling_actprior.checkpoint_paths import resolve_model_path
+
+    prior = random_prior(history_length=4)
+    prior.save_pretrained(tmp_path / "run" / "final")
+    assert resolve_model_path(str(tmp_path / "run"), "--prior", "actprior") == str(tmp_path / "run" / "final")
+    with pytest.raises(ValueError, match="this is a actprior checkpoint; --model needs an actprior_vla one"):
+        resolve_model_path(str(tmp_path / "run"), "--model", "actprior_vla")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        resolve_model_path(str(tmp_path / "nowhere"), "--model", "actprior_vla")
+    (tmp_path / "half" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no final/"):
+        resolve_model_path(str(tmp_path / "half"), "--model")
+    assert resolve_model_path("org/actprior-openvla", "--model") == "org/actprior-openvla"
+    proc = _cli("evaluate", "--model", str(tmp_path / "run"), "--episodes", "1")
+    assert proc.returncode != 0 and "needs an actprior_vla one" in proc.stderr
+
+
+def test_an_instruction_holding_the_image_token_is_refused():
+    prior = random_prior(history_length=4)
+    vla = ap.VLAWithPriorForAction.from_prior(prior, "tiny")
+    proc = ap.ActionPriorProcessor.from_config(vla.config, vla.normalizer, instructions=["open the drawer"])
+    with pytest.raises(ValueError, match="special token '<image>'"):
+        proc(images=[np.zeros((8, 8, 3), np.uint8)], text=["open the <image> drawer"])

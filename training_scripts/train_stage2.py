@@ -40,6 +40,7 @@ from transformers import get_scheduler
 
 import modeling_actprior as ap
 from modeling_actprior.argtypes import MAX_SEED, int_at_least
+from modeling_actprior.checkpoint_paths import resolve_model_path
 from modeling_actprior.configuration_actprior_vla import VLA_BASELINES, VLA_PRESETS, VLM_FAMILIES
 from modeling_actprior.data import (
     IMAGE,
@@ -120,8 +121,7 @@ def load_prior(path: str | None):
     if not path:
         raise ValueError("--prior is required: the Stage-1 prior to build on (train one with train_stage1.py; "
                          "pass its final/ folder).")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"--prior {path}: no config.json there. Pass train_stage1.py's final/ folder.")
+    path = resolve_model_path(path, "--prior", "actprior", "train_stage1.py makes one")
     try:
         prior = ap.ActionPriorModel.from_pretrained(path)
     except OSError as e:

@@ -1384,6 +1384,19 @@ def _validate_data(ds: TrajectoryDataset) -> None:
                 f"{to[e] - 1}) but that file holds global rows {starts[i]}..{starts[i + 1] - 1}.")
 
 
+def content_fingerprint(files: Sequence[str], block: int = 1 << 20) -> str:
+    """A 16-hex-digit BLAKE2 digest of the files' sizes and bytes (about 1 GB/s): what the Arrow cache is keyed by."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for path in files:
+        digest.update(f"{os.path.getsize(path)}:".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(block):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_lerobot_dataset(root: PathLike, validate: bool = True, cache_dir: str | None = None,
                          keep_in_memory: bool = False) -> TrajectoryDataset:
     """Load a LeRobot v3.0 folder as a ``TrajectoryDataset``.
@@ -1402,8 +1415,10 @@ def load_lerobot_dataset(root: PathLike, validate: bool = True, cache_dir: str |
     was_disabled = datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
-        hf = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir,
-                                   keep_in_memory=keep_in_memory)
+        # The cache is keyed by the files' content, not only their paths and mtimes (which `datasets` uses): a file
+        # rewritten with its mtime restored must not be served from the old cache.
+        hf = datasets.load_dataset("parquet", name=f"actprior-{content_fingerprint(files)}", data_files=files,
+                                   split="train", cache_dir=cache_dir, keep_in_memory=keep_in_memory)
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
