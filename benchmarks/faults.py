@@ -13,6 +13,11 @@ Runs, on tiny synthetic data (CPU, a few minutes):
 * **bad input**: every case of ``tests/test_bad_input.py`` (NaN states, missing statistics, wrong widths, bad
   images, impossible configs, truncated / tampered / newer files): refused cleanly = the expected error naming
   what is wrong, and nothing on disk changed.
+* **second pass**: the cases of ``tests/test_reliability.py`` (what a hostile user broke on an earlier main: user
+  files deleted by ``--overwrite``, models of NaN saved, NaN actions returned, training through NaN, mixed resumes,
+  stale caches, checksum bypass...), each run as its own pytest case and counted by what a failure would mean:
+  ``data lost`` (a user's files or a run's work), ``silent wrong result`` (a wrong number with exit code 0) or an
+  unclear refusal.
 * **scan**: every checkpoint any of these runs left is checked (complete, sha256 matching, weights loadable, no
   pickle) and every generated dataset loaded with full validation; ``files left corrupted`` must be 0.
 
@@ -122,6 +127,49 @@ def write_error_trial(stage: int, inputs: list[str], expected: dict, out: Path, 
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+#: ``tests/test_reliability.py`` case -> what it would mean if it failed.
+SECOND_PASS = {
+    "test_overwrite_refuses_a_folder_the_library_did_not_write_and_keeps_its_files": "data lost",
+    "test_overwrite_replaces_our_dataset_but_not_one_holding_a_users_file": "data lost",
+    "test_a_checkpoint_of_another_kind_or_with_missing_tensors_is_refused_by_name": "silent wrong result",
+    "test_train_stage2_with_a_vla_as_prior_fails_before_training_and_saves_nothing": "silent wrong result",
+    "test_non_finite_actions_are_refused_naming_the_input_or_the_weight": "silent wrong result",
+    "test_a_value_far_outside_the_datasets_statistics_is_reported_before_training": "silent wrong result",
+    "test_non_finite_loss_stops_at_once_naming_step_and_windows": "silent wrong result",
+    "test_empty_images_are_refused": "silent wrong result",
+    "test_resume_with_options_that_change_the_result_is_refused_by_name": "silent wrong result",
+    "test_training_options_out_of_range_are_refused_by_the_parser": "unclear refusal",
+    "test_evaluate_and_generate_options_out_of_range_are_refused": "silent wrong result",
+    "test_checksum_manifest_cannot_point_outside_the_checkpoint_and_its_absence_is_logged": "silent wrong result",
+    "test_a_data_file_rewritten_with_its_mtime_restored_is_not_served_from_the_cache": "silent wrong result",
+    "test_impossible_statistics_and_config_values_are_refused": "silent wrong result",
+    "test_two_robots_under_one_name_with_other_definitions_are_not_pooled": "silent wrong result",
+    "test_model_arguments_accept_run_folders_and_explain_the_rest": "unclear refusal",
+    "test_an_instruction_holding_the_image_token_is_refused": "unclear refusal",
+}
+
+
+def second_pass(tmp: Path) -> list[dict]:
+    """Run every ``tests/test_reliability.py`` case (parametrized ones count each parameter) and classify it."""
+    import xml.etree.ElementTree as ET
+
+    report = tmp / "second-pass.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" /
+                    "test_reliability.py"), f"--junitxml={report}", f"--basetemp={tmp / 'second-pass'}"],
+                   cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1800)
+    cases = []
+    for case in ET.parse(report).getroot().iter("testcase"):
+        name = case.get("name")
+        failed = next((c for c in case if c.tag in ("failure", "error")), None)
+        base = name.split("[")[0]
+        cases.append({"case": name, "if_broken": SECOND_PASS.get(base, "unclassified"), "passed": failed is None,
+                      "detail": (failed.get("message") or "")[:400] if failed is not None else ""})
+    unknown = sorted({c["case"].split("[")[0] for c in cases} - set(SECOND_PASS))
+    if unknown:
+        raise SystemExit(f"faults.py: classify the new reliability cases in SECOND_PASS: {unknown}")
+    return cases
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--random-kills", type=int, default=2, help="kills at random moments, per training stage")
@@ -173,6 +221,8 @@ def main(argv=None) -> dict:
         ok, detail = test_bad_input.run_case(case, tmp / "bad-input" / case.name)
         bad.append({"case": case.name, "refused_cleanly": ok, "detail": detail[:400]})
 
+    second = second_pass(tmp)
+
     # Scan everything the fault trials wrote: checkpoints of every run, generated datasets. (The bad-input cases
     # damage their files on purpose; what counts there is that they were refused and left unchanged.)
     outputs = sorted({c.parent.parent for c in tmp.rglob(f"{CHECKPOINT_DIR}/step-*") if "bad-input" not in str(c)})
@@ -191,13 +241,18 @@ def main(argv=None) -> dict:
         "write_errors_survived": sum(t["survived"] for t in trials if t["kind"] == "write_error"),
         "bad_input_cases_tried": len(bad),
         "bad_input_cases_refused_cleanly": sum(b["refused_cleanly"] for b in bad),
+        "second_pass_cases_tried": len(second),
+        "second_pass_refused_cleanly": sum(c["passed"] for c in second),
+        "second_pass_data_lost": sum(not c["passed"] and c["if_broken"] == "data lost" for c in second),
+        "second_pass_silent_wrong_results": sum(not c["passed"] and c["if_broken"] == "silent wrong result"
+                                                for c in second),
         "checkpoints_scanned": scanned,
         "datasets_scanned": len(datasets),
         "files_left_corrupted": len(corrupted),
         "pickle_files_in_checkpoints": len(pickles),
         "seconds": round(time.perf_counter() - start, 1),
     }
-    result = {"summary": summary, "trials": trials, "bad_input": bad, "corrupted": corrupted, "pickles": pickles,
+    result = {"summary": summary, "trials": trials, "bad_input": bad, "second_pass": second, "corrupted": corrupted, "pickles": pickles,
               "environment": {"python": platform.python_version(), "torch": torch.__version__,
                               "platform": platform.platform(), "cpus": os.cpu_count(),
                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
@@ -212,6 +267,9 @@ def main(argv=None) -> dict:
     print(f"\n{'bad-input case':<46} refused cleanly")
     for b in bad:
         print(f"{b['case']:<46} {b['refused_cleanly']}")
+    print(f"\n{'second-pass case':<86} {'if broken':<20} passed")
+    for c in second:
+        print(f"{c['case'][:86]:<86} {c['if_broken']:<20} {c['passed']}")
     print()
     for k, v in summary.items():
         print(f"{k:<34} {v}")
