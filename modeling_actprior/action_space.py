@@ -201,10 +201,8 @@ class EmbodimentStats:
                      for k in cls.__dataclass_fields__ if k in d})
         check_finite(np.asarray(out.mean + out.std + out.q01 + out.q99), "action statistics")
         q01, q99, std = np.asarray(out.q01), np.asarray(out.q99), np.asarray(out.std)
-        if not (len(q01) == len(q99) == len(std) == len(out.mean)):
-            raise ValueError(f"Action statistics have mismatched widths: mean {len(out.mean)}, std {len(std)}, q01 "
-                             f"{len(q01)}, q99 {len(q99)}; expected one value per action dimension in each.")
-        if (q01 > q99).any() or (std < 0).any():
+        # (mismatched widths are reported with the embodiment's action_dim where the statistics are attached)
+        if len(q01) == len(q99) == len(std) and ((q01 > q99).any() or (std < 0).any()):
             d = int(np.flatnonzero((q01 > q99) | (std < 0))[0])
             raise ValueError(f"Action statistics are impossible at dimension {d}: q01={q01[d]:g}, q99={q99[d]:g}, "
                              f"std={std[d]:g} (expected q01 <= q99 and std >= 0). Recompute the statistics.")
