@@ -5,8 +5,9 @@
    OSC_POSE deltas; and Meta-World MT10 demonstrations with a 64 px camera and the task's instruction.
 2. Train the Stage-1 action prior (``training_scripts/train_stage1.py``) and evaluate it on held-out episodes
    against "repeat the last action" and "the embodiment's mean chunk".
-3. Train the VLA twice for the same budget, from scratch and with the prior (decoder reuse, early latent
-   distillation, history token), in parallel (``training_scripts/train_stage2.py``).
+3. Train the VLA twice for the same budget, from scratch and with the prior (decoder reuse and early latent
+   distillation, the action head at 0.3x the learning rate: the best variant of the medium prior-vs-scratch study),
+   in parallel (``training_scripts/train_stage2.py``).
 4. Roll both out in closed loop in Meta-World at each checkpoint (evaluation seeds the demonstrations never used),
    and draw how the VLA's latents align with the prior's (``actprior viz-latents``).
 5. Write ``report.md`` with the tables and plots of this run.
@@ -233,7 +234,7 @@ def write_report(out: str, final: str, timings: dict, summary: dict | None = Non
 
 
 def _stage2_section(out: str, summary: dict, figures: dict, latents: str | None) -> list[str]:
-    from modeling_actprior.study import VARIANT_LABELS, VARIANTS, markdown_summary, stage2_name
+    from modeling_actprior.study import VARIANT_LABELS, markdown_summary, stage2_name, variant_command
     from modeling_actprior.training import markdown_table
 
     b = summary["budget"]
@@ -243,7 +244,7 @@ def _stage2_section(out: str, summary: dict, figures: dict, latents: str | None)
         f"Both VLAs ({b['stage2_preset']} preset) train for {b['stage2_steps']} steps on the same "
         f"{b['demos'][0]} demonstrations per task, with the same seed, optimizer and data order; the only "
         "difference is the prior: "
-        + "; ".join(f"{VARIANT_LABELS.get(v, v)} (`train_stage2.py --baseline {VARIANTS[v]}`)" for v in b["variants"])
+        + "; ".join(f"{VARIANT_LABELS.get(v, v)} (`train_stage2.py {variant_command(v)}`)" for v in b["variants"])
         + ". The full method's history token is measured in `benchmarks/prior_vs_scratch.py` (see the README). "
         "Each checkpoint is "
         f"rolled out {b['eval_episodes']} times per task in Meta-World on evaluation seeds the demonstrations never "

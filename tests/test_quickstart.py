@@ -41,7 +41,7 @@ def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     assert {"sawyer", "panda", "kuka_iiwa"} <= {d["embodiment"] for d in stage1["corpus"]["datasets"]}
     assert {"sawyer", "kuka_iiwa"} <= set(stage1["evaluation"])  # one robosuite episode: none held out
     summary = json.loads((out / "summary.json").read_text())
-    curve = summary["demos"]["2"]["decoder+kd"]["curve"]
+    curve = summary["demos"]["2"]["decoder+kd+slowhead"]["curve"]
     assert [c["step"] for c in curve] == [2, 4] and all(c["episodes"] == 1 for c in curve)
     # a rerun reuses everything it already has
     weights = [out / "stage1" / "final" / "model.safetensors",

@@ -4,6 +4,7 @@ variance floor / temperature / means-only match, and the paired statistics and j
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
@@ -220,3 +221,17 @@ def test_variant_options_come_after_the_budgets_so_they_override_them(tmp_path, 
     assert argv[argv.index("--dataset") + 1].endswith("demos_corrective")
     assert argv[-len(study.VARIANT_OPTIONS["full+dart+aug"]):] == list(study.VARIANT_OPTIONS["full+dart+aug"])
     assert "--history_noise 0.3" in study.variant_command("full+dart+aug")
+
+
+def test_the_full_baseline_trains_on_augmented_histories_and_the_papers_variant_spells_out_its_own():
+    full = ap.VLAWithPriorConfig.from_preset("tiny", baseline="full")
+    assert (full.history_noise, full.history_shift, full.history_latent) == (0.3, 8, "sample")
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training_scripts"))
+    import train_stage2
+
+    args = train_stage2.build_parser().parse_args(["--dataset", "d", "--baseline", "full",
+                                                   *study.VARIANT_OPTIONS["full"]])
+    assert (args.history_noise, args.history_shift, args.history_latent, args.history_dropout) == (0.0, 0, "mean", 0.0)
+    assert study.BUDGETS["quickstart"].variants == ("scratch", "decoder+kd+slowhead")
