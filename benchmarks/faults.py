@@ -146,6 +146,7 @@ SECOND_PASS = {
     "test_two_robots_under_one_name_with_other_definitions_are_not_pooled": "silent wrong result",
     "test_model_arguments_accept_run_folders_and_explain_the_rest": "unclear refusal",
     "test_an_instruction_holding_the_image_token_is_refused": "unclear refusal",
+    "test_truncated_episode_metadata_and_a_dataset_without_episodes_are_named": "unclear refusal",
 }
 
 

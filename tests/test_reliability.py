@@ -284,3 +284,29 @@ def test_an_instruction_holding_the_image_token_is_refused():
     proc = ap.ActionPriorProcessor.from_config(vla.config, vla.normalizer, instructions=["open the drawer"])
     with pytest.raises(ValueError, match="special token '<image>'"):
         proc(images=[np.zeros((8, 8, 3), np.uint8)], text=["open the <image> drawer"])
+
+
+def test_truncated_episode_metadata_and_a_dataset_without_episodes_are_named(tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from modeling_actprior.data import load_lerobot_dataset
+    from modeling_actprior.data.lerobot_format import DatasetFormatError
+
+    root = make_corpus(tmp_path / "c", embodiments=("sawyer",), n_episodes=2, length=12)[0]
+    cut = tmp_path / "cut"
+    shutil.copytree(root, cut)
+    meta_file = next((cut / "meta" / "episodes").rglob("*.parquet"))
+    meta_file.write_bytes(meta_file.read_bytes()[:200])
+    with pytest.raises(DatasetFormatError, match=f"{meta_file.name} cannot be read as Parquet"):
+        load_lerobot_dataset(str(cut))
+    empty = tmp_path / "empty"
+    shutil.copytree(root, empty)
+    meta_file = next((empty / "meta" / "episodes").rglob("*.parquet"))
+    pq.write_table(pq.read_table(meta_file).slice(0, 0), meta_file)
+    info = json.loads((empty / "meta" / "info.json").read_text())
+    info.update(total_episodes=0, total_frames=0)
+    (empty / "meta" / "info.json").write_text(json.dumps(info))
+    with pytest.raises(DatasetFormatError, match="no episodes|episode metadata"):
+        load_lerobot_dataset(str(empty))

@@ -872,17 +872,25 @@ class LeRobotDatasetMeta:
             raise DatasetFormatError(f"No episode metadata under {os.path.join(self.root, EPISODES_DIR)}.")
         tables = []
         for path in files:
-            schema = pq.read_schema(path)
-            cols = [n for n in schema.names if not n.startswith("stats/")]
-            for need in ("episode_index", "length", "dataset_from_index", "dataset_to_index"):
-                if need not in cols:
-                    raise DatasetFormatError(f"{path} lacks the episode column {need!r}.")
-            tables.append((path, pq.read_table(path, columns=cols)))
+            try:
+                schema = pq.read_schema(path)
+                cols = [n for n in schema.names if not n.startswith("stats/")]
+                for need in ("episode_index", "length", "dataset_from_index", "dataset_to_index"):
+                    if need not in cols:
+                        raise DatasetFormatError(f"{path} lacks the episode column {need!r}.")
+                tables.append((path, pq.read_table(path, columns=cols)))
+            except (pa.ArrowException, OSError) as e:
+                raise DatasetFormatError(f"{path} cannot be read as Parquet ({type(e).__name__}: {e}): the episode "
+                                         "metadata is truncated or damaged. Copy or regenerate the dataset.") from None
         rows: list[tuple[int, str, dict]] = []
         for path, t in tables:
             for r in t.to_pylist():
                 rows.append((int(r["episode_index"]), path, r))
         rows.sort(key=lambda x: x[0])
+        if not rows:
+            raise DatasetFormatError(f"{self.root} holds no episodes (the episode metadata under "
+                                     f"{os.path.join(self.root, EPISODES_DIR)} is empty); record or generate at least "
+                                     "one episode.")
         ids = [r[0] for r in rows]
         if ids != list(range(len(ids))):
             raise DatasetFormatError(
