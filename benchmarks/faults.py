@@ -224,12 +224,14 @@ def main(argv=None) -> dict:
 
     second = second_pass(tmp)
 
-    # Scan everything the fault trials wrote: checkpoints of every run, generated datasets. (The bad-input cases
-    # damage their files on purpose; what counts there is that they were refused and left unchanged.)
-    outputs = sorted({c.parent.parent for c in tmp.rglob(f"{CHECKPOINT_DIR}/step-*") if "bad-input" not in str(c)})
+    # Scan everything the fault trials wrote: checkpoints of every run, generated datasets. (The bad-input and
+    # second-pass cases damage their files on purpose; what counts there is that they were refused and left unchanged.)
+    on_purpose = ("bad-input", "second-pass")
+    outputs = sorted({c.parent.parent for c in tmp.rglob(f"{CHECKPOINT_DIR}/step-*")
+                      if not any(k in str(c) for k in on_purpose)})
     scanned = sum(len(list((o / CHECKPOINT_DIR).glob("step-*"))) for o in outputs)
     corrupted = [p for o in outputs for p in checkpoint_problems(o)]
-    datasets = sorted(d.parent.parent for d in tmp.rglob("meta/info.json") if "bad-input" not in str(d))
+    datasets = sorted(d.parent.parent for d in tmp.rglob("meta/info.json") if not any(k in str(d) for k in on_purpose))
     corrupted += [p for d in datasets for p in dataset_problems(d)]
     pickles = [f for o in outputs for f in pickle_files(o / CHECKPOINT_DIR)]
 
