@@ -147,6 +147,9 @@ SECOND_PASS = {
     "test_model_arguments_accept_run_folders_and_explain_the_rest": "unclear refusal",
     "test_an_instruction_holding_the_image_token_is_refused": "unclear refusal",
     "test_truncated_episode_metadata_and_a_dataset_without_episodes_are_named": "unclear refusal",
+    "test_ragged_histories_and_damaged_processor_files_are_explained": "unclear refusal",
+    "test_a_failed_write_of_a_final_folder_names_the_folder_and_the_free_space": "data lost",
+    "test_a_mixed_resume_is_refused_through_the_command_line": "silent wrong result",
 }
 
 

@@ -860,6 +860,12 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
                 "map raw actions. Attach one: model.normalizer = ActionNormalizer(...); or train it on data."
             )
         spec = self.normalizer.spec(embodiment)
+        if isinstance(history, (list, tuple)) and len({np.shape(h) for h in history}) > 1:
+            raise ValueError(
+                f"history holds {len(history)} past-action arrays of different lengths "
+                f"({', '.join(str(np.shape(h)) for h in history)}); a batch needs one (batch, steps, "
+                f"{spec.action_dim}) array of equal steps. Predict ragged histories one by one, or through the "
+                "processor, which pads and masks them.")
         h = torch.as_tensor(np.asarray(history, dtype=np.float32)) if not isinstance(history, torch.Tensor) else history.float()
         single = h.ndim == 2
         h = h[None] if single else h

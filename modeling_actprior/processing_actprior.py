@@ -18,6 +18,7 @@ siblings, relatively.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -238,8 +239,18 @@ class ActionPriorProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, "processor_config.json")):
+                raise FileNotFoundError(f"{path} is not a complete ActionPriorProcessor folder: processor_config.json is "
+                                        "missing. Copy the whole final/ folder, or re-save the processor with "
+                                        "save_pretrained.")
+        try:
+            processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"A processor file in {path} cannot be read ({type(e).__name__}: {e}): tokenizer.json or a "
+                             "config file is truncated or damaged. Copy the checkpoint again, or re-save the processor "
+                             "with save_pretrained.") from None
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, ACTION_NORMALIZER_NAME)):
                 processor.action_normalizer = ActionNormalizer.from_pretrained(path)

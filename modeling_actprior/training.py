@@ -344,8 +344,22 @@ def atomic_folder(path: str) -> Iterator[str]:
     tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
     os.makedirs(tmp)
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+        except Exception as e:
+            # A full disk surfaces as OSError from our writers and as SafetensorError from safetensors'.
+            if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):
+                raise
+            try:
+                free = f"{shutil.disk_usage(parent).free / 2**20:.0f} MiB free"
+            except OSError:
+                free = "free space unknown"
+            previous = "the previous one is kept" if os.path.isdir(path) else "nothing was left in its place"
+            raise OSError(getattr(e, "errno", None),
+                          f"Could not write {path}: {getattr(e, 'strerror', None) or e} ({free} on the disk of "
+                          f"{parent}); {previous}. Free space (or choose another --output_dir) and rerun: "
+                          "the checkpoints under checkpoints/ are intact.") from e
         if not os.path.isdir(path):
             os.replace(tmp, path)
         elif _exchange(tmp, path):  # tmp now holds the old folder

@@ -310,3 +310,53 @@ def test_truncated_episode_metadata_and_a_dataset_without_episodes_are_named(tmp
     (empty / "meta" / "info.json").write_text(json.dumps(info))
     with pytest.raises(DatasetFormatError, match="no episodes|episode metadata"):
         load_lerobot_dataset(str(empty))
+
+
+def test_ragged_histories_and_damaged_processor_files_are_explained(tmp_path):
+    prior = random_prior(history_length=4)
+    with pytest.raises(ValueError, match="different lengths"):
+        prior.predict_actions([np.zeros((3, 4)), np.zeros((2, 4))], "sawyer")
+    vla = ap.VLAWithPriorForAction.from_prior(prior, "tiny")
+    proc = ap.ActionPriorProcessor.from_config(vla.config, vla.normalizer, instructions=["open the drawer"])
+    proc.save_pretrained(tmp_path / "p")
+    tok = tmp_path / "p" / "tokenizer.json"
+    good = tok.read_bytes()
+    tok.write_bytes(good[:100])
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        ap.ActionPriorProcessor.from_pretrained(tmp_path / "p")
+    tok.write_bytes(good)
+    (tmp_path / "p" / "processor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="processor_config.json is missing"):
+        ap.ActionPriorProcessor.from_pretrained(tmp_path / "p")
+
+
+def test_a_failed_write_of_a_final_folder_names_the_folder_and_the_free_space(tmp_path):
+    from modeling_actprior.training import atomic_folder
+
+    target = tmp_path / "final"
+    target.mkdir()
+    (target / "kept.txt").write_text("old")
+
+    class SafetensorError(Exception):  # what safetensors raises when the disk is full
+        pass
+
+    with pytest.raises(OSError, match=r"Could not write .*final.*MiB free.*previous one is kept"):
+        with atomic_folder(str(target)) as tmp:
+            open(os.path.join(tmp, "model.safetensors"), "w").write("partial")
+            raise SafetensorError("No space left on device (os error 28)")
+    assert (target / "kept.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+
+
+def test_a_mixed_resume_is_refused_through_the_command_line(corpus, tmp_path):
+    script = os.path.join(ROOT, "training_scripts", "train_stage1.py")
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([sys.executable, script, "--dataset", corpus, "--output_dir", out, "--max_steps", "2",
+                            "--checkpoint_every", "2", *TINY], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run([sys.executable, script, "--dataset", corpus, "--output_dir", out, "--max_steps", "4",
+                            "--resume_from_checkpoint", "latest", *TINY, "--batch_size", "4"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode != 0 and "--batch_size 8 -> 4" in again.stderr and "would mix two runs" in again.stderr
+    assert not os.path.isdir(os.path.join(out, "checkpoints", "step-000004"))
