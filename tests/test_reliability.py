@@ -248,6 +248,8 @@ def test_impossible_statistics_and_config_values_are_refused():
         ap.ActionPriorConfig.from_preset("tiny", kl_weight=float("nan"))
     with pytest.raises(ValueError, match="history_token must be true or false"):
         ap.VLAWithPriorConfig.from_preset("tiny", history_token="yes")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['histroy_token'\]"):
+        ap.VLAWithPriorConfig.from_preset("tiny", histroy_token=False)
 
 
 def test_two_robots_under_one_name_with_other_definitions_are_not_pooled():
