@@ -20,6 +20,19 @@ TIME_SAMPLING_DENSITIES = ("beta", "uniform", "logit_normal")
 _TRANSFORMERS_KWARGS = {"auto_map", "model_type", "name_or_path", "torch_dtype", "attn_implementation",
                         "output_attentions", "experts_implementation", "per_layer_config", "num_labels"}
 
+def refuse_unknown_fields(config, kwargs: dict, schema: str, written: int, current: int, allowed=()) -> None:
+    """Raise a ValueError listing ``kwargs`` that are neither fields of ``config`` nor what transformers passes
+    (``_TRANSFORMERS_KWARGS``, ``allowed``): a misspelt or newer field must not be carried along silently."""
+    unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KWARGS and k not in allowed and not k.startswith("_"))
+    if unknown:
+        fields = sorted(f for f in config.__dataclass_fields__ if not f.startswith("_"))
+        raise ValueError(
+            f"{type(config).__name__} got unknown field(s) {unknown} (config written with {schema} version {written}; "
+            f"this code reads version {current}). Known fields: {fields}. Fix the name, or upgrade actprior if the "
+            "checkpoint comes from a newer release."
+        )
+
+
 #: Size presets. ``tiny`` is for tests and CI; ``base`` is near the paper's 4-layer encoder and
 #: 4-block MLP decoder.
 ACTPRIOR_PRESETS = {
@@ -119,14 +132,7 @@ class ActionPriorConfig(PreTrainedConfig):
     actprior_config_version: int = ACTPRIOR_CONFIG_VERSION
 
     def __post_init__(self, **kwargs):
-        unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KWARGS and not k.startswith("_"))
-        if unknown:
-            fields = sorted(f for f in self.__dataclass_fields__ if not f.startswith("_"))
-            raise ValueError(
-                f"ActionPriorConfig got unknown field(s) {unknown} (config written with actprior config version "
-                f"{self.actprior_config_version}; this code reads version {ACTPRIOR_CONFIG_VERSION}). Known fields: "
-                f"{fields}. Fix the name, or upgrade actprior if the checkpoint comes from a newer release."
-            )
+        refuse_unknown_fields(self, kwargs, "actprior config", self.actprior_config_version, ACTPRIOR_CONFIG_VERSION)
         super().__post_init__(**kwargs)
         self._check()
 

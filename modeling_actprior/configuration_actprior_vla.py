@@ -19,7 +19,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_actprior import _TRANSFORMERS_KWARGS, ACTPRIOR_PRESETS, ActionPriorConfig
+from .configuration_actprior import ACTPRIOR_PRESETS, ActionPriorConfig, refuse_unknown_fields
 
 #: Bumped when a field changes meaning; checkpoints record the version they were written with.
 ACTPRIOR_VLA_CONFIG_VERSION = 1
@@ -181,15 +181,8 @@ class VLAWithPriorConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         # Exported folders also carry `custom_pipelines` (the robot-action pipeline for remote code).
-        unknown = sorted(k for k in kwargs if k not in _TRANSFORMERS_KWARGS | {"custom_pipelines"}
-                         and not k.startswith("_"))
-        if unknown:
-            fields = sorted(f for f in self.__dataclass_fields__ if not f.startswith("_"))
-            raise ValueError(
-                f"VLAWithPriorConfig got unknown field(s) {unknown} (config written with actprior_vla config version "
-                f"{self.actprior_vla_config_version}; this code reads version {ACTPRIOR_VLA_CONFIG_VERSION}). Known "
-                f"fields: {fields}. Fix the name, or upgrade actprior if the checkpoint comes from a newer release."
-            )
+        refuse_unknown_fields(self, kwargs, "actprior_vla config", self.actprior_vla_config_version,
+                              ACTPRIOR_VLA_CONFIG_VERSION, allowed=("custom_pipelines",))
         super().__post_init__(**kwargs)
         self._check()
         self._drop_registered_custom_pipelines()

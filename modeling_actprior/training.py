@@ -146,7 +146,9 @@ def parse_dataset_specs(specs: Sequence[str]) -> list[tuple]:
         if os.path.isfile(os.path.join(path, "meta", "info.json")):
             out.append((path, weight))
             continue
-        marker = os.path.join(path, ".actprior-generate-incomplete.json")  # sim.generate.INCOMPLETE_MARKER
+        from .sim.generate import INCOMPLETE_MARKER  # no simulator is imported with it
+
+        marker = os.path.join(path, INCOMPLETE_MARKER)
         if os.path.isfile(marker):
             try:
                 with open(marker) as f:

@@ -31,6 +31,11 @@ def _cli(*args, timeout=300):
                           timeout=timeout, env=env, cwd=ROOT)
 
 
+def _tiny_vla_and_processor():
+    vla = ap.VLAWithPriorForAction.from_prior(random_prior(history_length=4), "tiny")
+    return vla, ap.ActionPriorProcessor.from_config(vla.config, vla.normalizer, instructions=["open the drawer"])
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
@@ -137,9 +142,7 @@ def test_non_finite_loss_stops_at_once_naming_step_and_windows(tmp_path):
 
 # --------------------------------------------------------------------------------------------- 5. empty images
 def test_empty_images_are_refused():
-    prior = random_prior(history_length=4)
-    vla = ap.VLAWithPriorForAction.from_prior(prior, "tiny")
-    proc = ap.ActionPriorProcessor.from_config(vla.config, vla.normalizer, instructions=["open the drawer"])
+    vla, proc = _tiny_vla_and_processor()
     with pytest.raises(ValueError, match="empty"):
         proc(images=[np.zeros((0, 0, 3), np.uint8)], text=["open the drawer"])
     from transformers import pipeline
@@ -281,9 +284,7 @@ def test_model_arguments_accept_run_folders_and_explain_the_rest(tmp_path):
 
 
 def test_an_instruction_holding_the_image_token_is_refused():
-    prior = random_prior(history_length=4)
-    vla = ap.VLAWithPriorForAction.from_prior(prior, "tiny")
-    proc = ap.ActionPriorProcessor.from_config(vla.config, vla.normalizer, instructions=["open the drawer"])
+    vla, proc = _tiny_vla_and_processor()
     with pytest.raises(ValueError, match="special token '<image>'"):
         proc(images=[np.zeros((8, 8, 3), np.uint8)], text=["open the <image> drawer"])
 

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from synthetic import random_prior
 
 import modeling_actprior as ap
 from modeling_actprior import study
@@ -16,12 +17,7 @@ from modeling_actprior.modeling_actprior_vla import gaussian_kl_between
 
 
 def _tiny_vla(**overrides):
-    torch.manual_seed(0)
-    prior = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", chunk_size=8, history_length=6))
-    norm = ap.ActionNormalizer(prior.config.max_action_dim)
-    norm.add_embodiment(ap.get_embodiment("sawyer"), np.random.default_rng(0).normal(size=(100, 4)))
-    prior.normalizer = norm
-    return ap.VLAWithPriorForAction.from_prior(prior.eval(), "tiny", **overrides)
+    return ap.VLAWithPriorForAction.from_prior(random_prior(history_length=6), "tiny", **overrides)
 
 
 def _history(b=3, k=6):
