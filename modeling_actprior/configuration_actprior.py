@@ -99,6 +99,16 @@ class ActionPriorConfig(PreTrainedConfig):
             equal to the data) is never drawn.
         num_inference_steps (`int`, defaults to 10):
             Default number of flow integration steps at sampling time.
+        shortcut_max_steps (`int`, defaults to 0):
+            Few-step generation (shortcut models, Frans et al. 2024). 0: plain flow matching. A power of two ``M >= 2``:
+            the decoder also reads the step size ``d`` and learns, besides the velocity (``d = 0``), the average
+            velocity over a step of size ``d`` for ``d = 1, 1/2, ..., 2/M`` through self-consistency (one step of
+            ``2d`` equals two steps of ``d``; steps of ``1/M`` read the velocity). Checkpoints then sample with the
+            ``"shortcut"`` solver in 1, 2, 4... steps; the ``"euler"`` solver still integrates the velocity itself.
+        shortcut_fraction (`float`, defaults to 0.25):
+            Share of each batch that also gets a self-consistency target (the paper's 1/4).
+        shortcut_weight (`float`, defaults to 1.0):
+            Weight of the self-consistency loss beside the flow-matching loss.
         actprior_config_version (`int`):
             Version of this config's schema, written into ``config.json``.
     """
@@ -129,6 +139,9 @@ class ActionPriorConfig(PreTrainedConfig):
     time_min: float = 0.001
     time_max: float = 1.0
     num_inference_steps: int = 10
+    shortcut_max_steps: int = 0
+    shortcut_fraction: float = 0.25
+    shortcut_weight: float = 1.0
     actprior_config_version: int = ACTPRIOR_CONFIG_VERSION
 
     def __post_init__(self, **kwargs):
@@ -167,6 +180,14 @@ class ActionPriorConfig(PreTrainedConfig):
             raise ValueError(
                 f"ActionPriorConfig needs kl_weight >= 0 and 0 <= dropout < 1; got {self.kl_weight}, {self.dropout}."
             )
+        m = self.shortcut_max_steps
+        if m != 0 and (m < 2 or m & (m - 1)):
+            raise ValueError(f"ActionPriorConfig.shortcut_max_steps must be 0 (off) or a power of two >= 2 (16 learns "
+                             f"1, 2, 4 and 8-step shortcuts); got {m}.")
+        if not (0.0 < self.shortcut_fraction <= 1.0) or not (math.isfinite(self.shortcut_weight)
+                                                              and self.shortcut_weight >= 0):
+            raise ValueError(f"ActionPriorConfig needs 0 < shortcut_fraction <= 1 and shortcut_weight >= 0; got "
+                             f"{self.shortcut_fraction}, {self.shortcut_weight}.")
         if self.actprior_config_version > ACTPRIOR_CONFIG_VERSION:
             raise ValueError(
                 f"This checkpoint was written with actprior config version {self.actprior_config_version}, newer "

@@ -67,9 +67,11 @@ class ActionPriorLatent(ModelOutput):
 class ActionPriorOutput(ModelOutput):
     """
     Args:
-        loss (`()`): ``flow_loss + kl_weight * kl_loss``.
+        loss (`()`): ``flow_loss + kl_weight * kl_loss`` (``+ shortcut_weight * shortcut_loss`` for shortcut models).
         flow_loss (`()`): masked flow-matching MSE, mean over real (step, dimension) entries.
         kl_loss (`()`): ``KL(q(z | history) || N(0, I))`` summed over ``d_z``, mean over the batch.
+        shortcut_loss (`()`): the self-consistency MSE of a shortcut decoder (``shortcut_consistency_loss``), else
+            None.
         velocity (`(B, H, D_max)`): predicted velocity, zero in padded dimensions.
         target_velocity (`(B, H, D_max)`): ``noise - actions``, zero in padded dimensions.
         timesteps (`(B,)`): the flow times drawn for this batch.
@@ -79,6 +81,7 @@ class ActionPriorOutput(ModelOutput):
     loss: torch.Tensor | None = None
     flow_loss: torch.Tensor | None = None
     kl_loss: torch.Tensor | None = None
+    shortcut_loss: torch.Tensor | None = None
     velocity: torch.Tensor | None = None
     target_velocity: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
@@ -358,24 +361,48 @@ class FlowMatchingActionDecoder(nn.Module):
         )
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False)
         self.out = nn.Linear(width, flat)
+        # Shortcut models read the step size d beside the flow time (absent otherwise: older checkpoints load as is).
+        self.step_mlp = (nn.Sequential(nn.Linear(config.time_embedding_dim, width), nn.SiLU(), nn.Linear(width, width))
+                         if config.shortcut_max_steps else None)
         self._grid_time = (None, None)  # (key, time conditioning): see grid_time_condition
 
-    def time_condition(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Flow times ``(...)`` -> their share of the conditioning ``(..., width)``."""
-        emb = sinusoidal_time_embedding(t, self.config.time_embedding_dim)
-        return _mlp(self.time_mlp, emb.to(dtype or self.out.weight.dtype))
+    @property
+    def reads_step_size(self) -> bool:
+        """Whether this decoder was built as a shortcut model (``shortcut_max_steps > 0``)."""
+        return self.step_mlp is not None
 
-    def grid_time_condition(self, times: list[float], dtype: torch.dtype, device) -> torch.Tensor:
-        """``time_condition`` of a sampler's time grid (Python floats, one per flow step), ``(S, 1, width)``, without
-        autograd. The same grid serves every chunk, so it is computed once and again only when the grid, dtype,
-        device or a weight of the time MLP changes."""
-        params = list(self.time_mlp.parameters())
+    def time_condition(self, t: torch.Tensor, dtype: torch.dtype | None = None,
+                       step_size: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow times ``(...)`` (and, for a shortcut decoder, step sizes of the same shape; None = 0, the
+        instantaneous velocity) -> their share of the conditioning ``(..., width)``."""
+        dtype = dtype or self.out.weight.dtype
+        emb = sinusoidal_time_embedding(t, self.config.time_embedding_dim)
+        cond = _mlp(self.time_mlp, emb.to(dtype))
+        if self.step_mlp is not None:
+            d = torch.zeros_like(t, dtype=torch.float32) if step_size is None else step_size.float().expand(t.shape)
+            # Steps of 1/M and shorter are the flow itself (see shortcut_consistency_loss).
+            d = torch.where(d <= 1.0 / self.config.shortcut_max_steps + 1e-9, torch.zeros_like(d), d)
+            cond = cond + _mlp(self.step_mlp, sinusoidal_time_embedding(d, self.config.time_embedding_dim).to(dtype))
+        elif step_size is not None and bool((step_size != 0).any()):
+            raise ValueError(
+                "This decoder was not trained as a shortcut model (shortcut_max_steps=0), so it cannot take a step "
+                "size: sample with the 'euler' or 'heun' solver, or train the prior with --shortcut_max_steps 16.")
+        return cond
+
+    def grid_time_condition(self, times: list[float], dtype: torch.dtype, device,
+                            step_sizes: list[float] | None = None) -> torch.Tensor:
+        """``time_condition`` of a sampler's time grid (Python floats, one per flow step; ``step_sizes`` likewise for
+        the shortcut solver), ``(S, 1, width)``, without autograd. The same grid serves every chunk, so it is computed
+        once and again only when the grid, dtype, device or a weight of the time (or step) MLP changes."""
+        params = list(self.time_mlp.parameters()) + (list(self.step_mlp.parameters()) if self.step_mlp else [])
         key = None if any(p.is_inference() for p in params) else (
-            tuple(times), dtype, str(device), tuple((p.data_ptr(), p._version) for p in params))
+            tuple(times), None if step_sizes is None else tuple(step_sizes), dtype, str(device),
+            tuple((p.data_ptr(), p._version) for p in params))
         if key is None or self._grid_time[0] != key:
             with torch.no_grad():
                 t = torch.tensor(times, dtype=torch.float32, device=device)[:, None]
-                self._grid_time = (key, self.time_condition(t, dtype))
+                d = None if step_sizes is None else torch.tensor(step_sizes, dtype=torch.float32, device=device)[:, None]
+                self._grid_time = (key, self.time_condition(t, dtype, d))
         return self._grid_time[1]
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
@@ -389,6 +416,7 @@ class FlowMatchingActionDecoder(nn.Module):
         dim_mask: torch.Tensor,
         latent_condition: torch.Tensor | None = None,
         time_condition: torch.Tensor | None = None,
+        step_size: torch.Tensor | None = None,
     ) -> DecoderConditioning:
         """The ``x_t``-independent part of the velocity field.
 
@@ -397,12 +425,13 @@ class FlowMatchingActionDecoder(nn.Module):
             t: ``(B,)`` one flow time per sample, or ``(S, 1)`` / ``(S, B)`` for ``S`` flow steps at once; ignored
                 when ``time_condition`` (from ``time_condition(t)``) is given.
             dim_mask: ``(B, D_max)`` bool.
+            step_size: shortcut decoders only: the step size ``d`` per flow time, shaped like ``t`` (None: 0).
         """
         latent = latent_condition if latent_condition is not None else self.condition(z)
         dm = dim_mask.to(latent.dtype)
         # The latent enters the residual stream directly (it carries where the motion is) and, with flow
         # time, modulates every block (how to denoise at this t).
-        time = time_condition if time_condition is not None else self.time_condition(t, latent.dtype)
+        time = time_condition if time_condition is not None else self.time_condition(t, latent.dtype, step_size)
         cond = F.silu(time + latent)
         out = DecoderConditioning(latent, dm, dm[:, None, :], [block.modulate(cond) for block in self.blocks])
         out.weights = self.plain_weights()
@@ -437,6 +466,7 @@ class FlowMatchingActionDecoder(nn.Module):
         dim_mask: torch.Tensor | None = None,
         latent_condition: torch.Tensor | None = None,
         conditioning: DecoderConditioning | None = None,
+        step_size: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -445,10 +475,13 @@ class FlowMatchingActionDecoder(nn.Module):
             z: ``(B, d_z)`` latent; ignored when ``latent_condition`` (from ``condition(z)``) is given.
             dim_mask: ``(B, D_max)`` bool.
             conditioning: from ``conditioning(z, t, dim_mask)`` for this step; replaces ``t``, ``z``, ``dim_mask``.
+            step_size: ``(B,)`` step sizes, for a shortcut decoder (None: 0, the instantaneous velocity).
         Returns:
-            velocity ``(B, H, D_max)``, zero in padded dimensions.
+            velocity ``(B, H, D_max)`` (a shortcut decoder's average velocity over a step of ``step_size``), zero in
+            padded dimensions.
         """
-        c = conditioning if conditioning is not None else self.conditioning(z, t, dim_mask, latent_condition)
+        c = conditioning if conditioning is not None else self.conditioning(z, t, dim_mask, latent_condition,
+                                                                             step_size=step_size)
         b, mask = x_t.shape[0], c.chunk_mask
         x = (x_t * mask).reshape(b, -1)
         if c.weights is None:  # some layer is wrapped: call the modules
@@ -521,10 +554,127 @@ def flow_matching_loss(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchi
     return loss, velocity, target
 
 
+def shortcut_consistency_loss(decoder: FlowMatchingActionDecoder, z: torch.Tensor, actions: torch.Tensor,
+                              action_mask: torch.Tensor, dim_mask: torch.Tensor,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Self-consistency loss of a shortcut decoder (Frans et al. 2024, "One Step Diffusion via Shortcut Models").
+
+    On the first ``shortcut_fraction`` of the batch: a big step ``D = 2^-k`` (``k`` uniform over ``0..log2(M)-1``, so
+    ``D`` in ``1, 1/2, ..., 2/M``), a flow time ``t`` on that step's grid (``t = j * D``, where a sampler of ``1/D``
+    steps evaluates), and ``x_t`` from fresh noise. The target is the mean of two half steps ``d = D / 2`` taken with
+    the decoder itself, without gradient (steps of ``1/M`` read the instantaneous velocity that the flow-matching
+    loss trains), and the decoder's prediction for one step of ``D`` is pulled toward it. The latent is detached:
+    this term shapes how the decoder integrates, while the latent is what the encoder (and in Stage 2 the VLM and
+    the distillation) shape. Masked like ``flow_matching_loss``; returns the mean over real entries.
+    """
+    cfg = decoder.config
+    b, dev = actions.shape[0], actions.device
+    n = max(1, int(round(b * cfg.shortcut_fraction)))
+    k = torch.randint(0, int(math.log2(cfg.shortcut_max_steps)), (n,), generator=generator, device=dev)
+    big = torch.pow(2.0, -k.float())
+    half = big / 2
+    j = torch.floor(torch.rand(n, generator=generator, device=dev) / big).clamp_max(1.0 / big - 1) + 1
+    t = j * big
+    noise = torch.randn((n, *actions.shape[1:]), generator=generator, device=dev, dtype=torch.float32)
+    dm = dim_mask[:n].to(torch.float32)[:, None, :]
+    weight = dm * action_mask[:n].to(torch.float32)[..., None]
+    clean, noise = actions[:n].float() * weight, noise * dm
+    x_t = t[:, None, None] * noise + (1.0 - t[:, None, None]) * clean
+    dtype = decoder.out.weight.dtype
+    z = z[:n].detach().to(dtype)
+    with torch.no_grad():
+        first = decoder(x_t.to(dtype), t.to(dtype), z, dim_mask[:n], step_size=half).float()
+        middle = x_t - half[:, None, None] * first
+        second = decoder(middle.to(dtype), (t - half).to(dtype), z, dim_mask[:n], step_size=half).float()
+        target = 0.5 * (first + second)
+    pred = decoder(x_t.to(dtype), t.to(dtype), z, dim_mask[:n], step_size=big).float()
+    return ((pred - target) ** 2 * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+@dataclass
+class ChunkGuidance:
+    """Real-time chunking (Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies"): what a new
+    chunk must agree with, in the normalized padded action space.
+
+    Args:
+        target (`(B, H, D_max)`): the not yet executed actions of the chunk being executed, aligned with the new
+            chunk's steps (its first ``inference_delay`` steps run while the new chunk is computed), zero-padded past
+            their end; float32.
+        inference_delay (`int`): ``d``, in control steps: the new chunk's first ``d`` actions are replaced by
+            ``target``'s exactly (they are already committed).
+        execution_horizon (`int` or one per sample): ``h``, the steps of the new chunk that overlap ``target``
+            (the previous chunk's remaining length); guidance decays over ``d..h`` and is 0 after (``rtc_weights``).
+        max_weight (`float`): ``beta``, the cap of the guidance scale (5 in the paper); 0 turns guidance off.
+    """
+
+    target: torch.Tensor
+    inference_delay: int
+    execution_horizon: int | list[int]
+    max_weight: float = 5.0
+
+    def weights(self) -> torch.Tensor:
+        """``(B, H)`` per-step guidance weights (``rtc_weights`` of each sample's horizon)."""
+        b, h = self.target.shape[:2]
+        horizons = self.execution_horizon if isinstance(self.execution_horizon, (list, tuple)) else [
+            self.execution_horizon] * b
+        if len(horizons) != b:
+            raise ValueError(f"ChunkGuidance has {b} targets but {len(horizons)} execution horizons.")
+        return torch.stack([rtc_weights(h, self.inference_delay, e) for e in horizons]).to(self.target.device)
+
+
+def rtc_weights(chunk_size: int, inference_delay: int, execution_horizon: int) -> torch.Tensor:
+    """The soft mask of real-time chunking, ``(chunk_size,)``: 1 for the ``inference_delay`` committed steps, then
+    ``c * (e^c - 1) / (e - 1)`` with ``c`` falling linearly from ``(h - d) / (h - d + 1)`` toward 0 up to the
+    ``execution_horizon`` ``h`` (the overlap with the previous chunk), then 0 (the paper's exponential schedule)."""
+    d, h = int(inference_delay), int(execution_horizon)
+    if not 0 <= d <= h <= chunk_size:
+        raise ValueError(f"Real-time chunking needs 0 <= inference_delay <= execution_horizon <= chunk_size "
+                         f"({chunk_size}); got inference_delay={d}, execution_horizon={h}.")
+    i = torch.arange(chunk_size, dtype=torch.float32)
+    c = (h - i) / (h - d + 1)
+    w = c * torch.expm1(c) / math.expm1(1.0)
+    return torch.where(i < d, torch.ones_like(w), torch.where(i < h, w, torch.zeros_like(w)))
+
+
+def _guidance_scale(t: float, max_weight: float) -> float:
+    """``min(beta, (1 - tau) / (tau * r^2))`` of the paper (``tau = 1 - t``, ``r^2 = (1-tau)^2 / (tau^2 + (1-tau)^2)``)
+    in our time convention: ``((1 - t)^2 + t^2) / ((1 - t) * t)``, capped; ``beta`` at pure noise."""
+    if t <= 0.0 or t >= 1.0:
+        return max_weight
+    return min(max_weight, ((1.0 - t) ** 2 + t * t) / ((1.0 - t) * t))
+
+
+def _guided_integration(decoder, run, conditioning, x, mask, guidance: ChunkGuidance, dtype, step_sizes):
+    """The flow loop of ``integrate_flow`` with real-time-chunking guidance: at each step the decoder's one-step
+    estimate of the chunk ``x - t * v`` is compared with the target on the weighted steps, and the velocity is
+    corrected by the vector-Jacobian product of that error through the decoder (``torch.autograd.grad`` w.r.t.
+    ``x_t`` only; no weight gradient is formed)."""
+    target = guidance.target.float() * mask
+    w = guidance.weights()[..., None] * mask.float()
+    for t, step in zip(run.timesteps.unbind(0), conditioning.steps()):
+        t_value = run.timestep_values[run.step_index]
+        scale = _guidance_scale(t_value, guidance.max_weight)
+        if scale > 0:
+            with torch.enable_grad():
+                xg = x.detach().requires_grad_(True)
+                v = decoder(xg.to(dtype), conditioning=step).float()
+                estimate = xg - t_value * v
+                (vjp,) = torch.autograd.grad(estimate, xg, grad_outputs=(target - estimate).detach() * w)
+            v = v.detach() - scale * vjp  # v points toward noise: moving along -v, and +vjp, approaches the target
+        else:
+            v = decoder(x.to(dtype), conditioning=step).float()
+        x = run.step(v, t, x, return_dict=False)[0] * mask
+    d = int(guidance.inference_delay)
+    if d:
+        x = torch.cat([target[:, :d], x[:, d:]], dim=1)
+    return x
+
+
 @torch.no_grad()
 def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingActionScheduler, z: torch.Tensor,
                    dim_mask: torch.Tensor, chunk_size: int, num_inference_steps: int | None = None,
-                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                   guidance: ChunkGuidance | dict | None = None) -> torch.Tensor:
     """Noise -> chunk ``(B, H, D_max)`` float32 through ``decoder`` given latents ``z`` ``(B, d_z)``.
 
     The flow times are known before the first step, so the decoder's conditioning for all of them (latent and time
@@ -535,19 +685,41 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
     ``scheduler.step``. The loop runs under ``torch.inference_mode`` on a private
     copy of ``scheduler`` (safe across threads) whose state stays float32 whatever the decoder's dtype; the returned
     chunk is an ordinary tensor.
+
+    The ``"shortcut"`` solver tells the decoder each step's size (a decoder trained with ``shortcut_max_steps``).
+    With ``guidance`` (real-time chunking, ``ChunkGuidance``) each step also backpropagates through the decoder to
+    ``x_t``, so that loop runs with autograd enabled for ``x_t`` alone, outside inference mode.
     """
     b, dev = z.shape[0], z.device
     mask = dim_mask[:, None, :]
-    with torch.inference_mode():
-        run = scheduler.for_run(num_inference_steps, device=dev)
+    run = scheduler.for_run(num_inference_steps, device=dev)
+    model_steps = run.model_step_sizes()
+    if model_steps is not None and not decoder.reads_step_size:
+        raise ValueError(
+            "The 'shortcut' solver needs a decoder trained as a shortcut model (the prior's shortcut_max_steps > 0); "
+            "this one was trained without. Sample it with FlowMatchingActionScheduler(solver='euler'), or train the "
+            "prior with --shortcut_max_steps 16.")
+    if isinstance(guidance, dict):  # from the pipeline, which imports nothing of this package
+        guidance = ChunkGuidance(**guidance)
+    if guidance is not None:
+        shape = (b, chunk_size, dim_mask.shape[-1])
+        if tuple(guidance.target.shape) != shape:
+            raise ValueError(f"ChunkGuidance target must be (batch, chunk_size, max_action_dim) = {shape}; got "
+                             f"{tuple(guidance.target.shape)}.")
+    with torch.inference_mode(guidance is None):
         shape = (b, chunk_size, dim_mask.shape[-1])
         x = torch.randn(shape, generator=generator, device=dev, dtype=torch.float32) if noise is None else noise.float()
         x = x * mask
         dtype = decoder.out.weight.dtype
-        time = decoder.grid_time_condition(run.timestep_values, dtype, dev)
+        # Inference tensors cannot be saved for backward, so the guided loop builds its conditioning without them.
+        z = z.clone() if z.is_inference() and guidance is not None else z
+        time = decoder.grid_time_condition(run.timestep_values, dtype, dev, model_steps)
+        time = time.clone() if time.is_inference() and guidance is not None else time
         conditioning = decoder.conditioning(z.to(dtype), None, dim_mask, time_condition=time)
         step_sizes = run.euler_step_sizes()
-        if step_sizes is not None and conditioning.weights is not None and not _has_forward_hooks(decoder):
+        if guidance is not None:
+            x = _guided_integration(decoder, run, conditioning, x, mask, guidance, dtype, step_sizes)
+        elif step_sizes is not None and conditioning.weights is not None and not _has_forward_hooks(decoder):
             # Euler on plain layers, fused: each step is the velocity's x_t path and one addcmul, on the flattened
             # chunk, which stays zero in padded dimensions (the velocity's padded outputs are multiplied by 0).
             flat = x.reshape(b, -1)
@@ -562,6 +734,13 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
                 v = decoder(x.to(dtype), conditioning=step)
                 x = run.step(v, t, x, return_dict=False)[0]
     return x * mask  # outside inference mode: an ordinary tensor
+
+
+def default_scheduler(config: ActionPriorConfig) -> FlowMatchingActionScheduler:
+    """The sampler a new model of ``config`` carries: Euler over ``num_inference_steps``, or the shortcut solver for
+    a decoder trained as a shortcut model."""
+    solver = "shortcut" if config.shortcut_max_steps else "euler"
+    return FlowMatchingActionScheduler(num_inference_steps=config.num_inference_steps, solver=solver)
 
 
 def check_state(state: torch.Tensor | None, batch: int, max_state_dim: int) -> None:
@@ -697,7 +876,7 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
         super().__init__(config)
         self.encoder = ActionHistoryEncoder(config)
         self.decoder = FlowMatchingActionDecoder(config)
-        self.scheduler = FlowMatchingActionScheduler(num_inference_steps=config.num_inference_steps)
+        self.scheduler = default_scheduler(config)
         self.normalizer: ActionNormalizer | None = None
         self.post_init()
 
@@ -806,7 +985,11 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
                                                          action_mask, dim_mask, noise, timesteps)
         kl = gaussian_kl(latent.mean, latent.logvar).mean()
         loss = flow_loss + self.config.kl_weight * kl
-        out = ActionPriorOutput(loss=loss, flow_loss=flow_loss, kl_loss=kl, velocity=velocity,
+        shortcut = None
+        if self.decoder.reads_step_size:
+            shortcut = shortcut_consistency_loss(self.decoder, latent.sample, actions, action_mask, dim_mask, generator)
+            loss = loss + self.config.shortcut_weight * shortcut
+        out = ActionPriorOutput(loss=loss, flow_loss=flow_loss, kl_loss=kl, shortcut_loss=shortcut, velocity=velocity,
                                 target_velocity=target, timesteps=timesteps, latent=latent)
         return out if return_dict else out.to_tuple()
 
@@ -1039,6 +1222,10 @@ __all__ = [
     "ActionPriorModel",
     "ActionPriorOutput",
     "ActionPriorPreTrainedModel",
+    "ChunkGuidance",
     "FlowMatchingActionDecoder",
+    "default_scheduler",
     "gaussian_kl",
+    "rtc_weights",
+    "shortcut_consistency_loss",
 ]

@@ -40,12 +40,15 @@ from .modeling_actprior import (
     ActionCheckpointMixin,
     ActionHistoryEncoder,
     ActionPriorPreTrainedModel,
+    ChunkGuidance,
     FlowMatchingActionDecoder,
     check_state,
+    default_scheduler,
     ensure_finite_actions,
     flow_matching_loss,
     integrate_flow,
     sample_flow_time,
+    shortcut_consistency_loss,
 )
 from .scheduling_flow_matching import FlowMatchingActionScheduler
 
@@ -65,11 +68,14 @@ _VISION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 class VLAWithPriorOutput(ModelOutput):
     """
     Args:
-        loss (`()`): ``bc_loss + kd_weight * kd_loss``.
+        loss (`()`): ``bc_loss + kd_weight * kd_loss`` (``+ shortcut_weight * shortcut_loss`` when the action head is a
+            shortcut decoder).
         bc_loss (`()`): masked flow-matching MSE of the action head, mean over real (step, dimension) entries.
         kd_loss (`()`): ``KL(p_VLM || p_prior)`` summed over ``d_z``, mean over the batch; exactly 0 when
             ``kd_weight`` is 0 (the teacher is not run then).
         kd_weight (`()`): ``lambda(step)`` used for this batch.
+        shortcut_loss (`()`): the action head's self-consistency loss when the prior was trained as a shortcut model
+            (``shortcut_max_steps``), so Stage 2 keeps its few-step sampling; else None.
         latent_mean (`(B, d_z)`) / latent_logvar (`(B, d_z)`): ``p_VLM(z | observation, instruction, history)``.
         prior_mean (`(B, d_z)`) / prior_logvar (`(B, d_z)`): the teacher's ``p_prior(z | a_<t)``, or None.
         velocity (`(B, H, D_max)`): predicted velocity, zero in padded dimensions.
@@ -81,6 +87,7 @@ class VLAWithPriorOutput(ModelOutput):
     bc_loss: torch.Tensor | None = None
     kd_loss: torch.Tensor | None = None
     kd_weight: torch.Tensor | None = None
+    shortcut_loss: torch.Tensor | None = None
     latent_mean: torch.Tensor | None = None
     latent_logvar: torch.Tensor | None = None
     prior_mean: torch.Tensor | None = None
@@ -148,7 +155,7 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         self.register_buffer("training_step", torch.zeros((), dtype=torch.long), persistent=False)
         # Memo of teacher_is_history_encoder(): the encoders' tensor versions it was computed for, and the answer.
         self._teacher_check_key, self._teacher_check_result = None, False
-        self.scheduler = FlowMatchingActionScheduler(num_inference_steps=prior.num_inference_steps)
+        self.scheduler = default_scheduler(prior)
         self.normalizer: ActionNormalizer | None = None
         self.post_init()
         self._freeze()
@@ -538,8 +545,12 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
                     prior_mean, prior_logvar = self.teacher(history.to(head_dtype), history_mask, dim_mask, state)
             kd_loss = self.distillation_loss(mean, logvar, prior_mean.float(), prior_logvar.float())
         loss = bc_loss + lam * kd_loss if lam > 0 else bc_loss
+        shortcut = None
+        if self.action_head.reads_step_size:
+            shortcut = shortcut_consistency_loss(self.action_head, z, actions, action_mask, dim_mask, generator)
+            loss = loss + self.config.prior_config.shortcut_weight * shortcut
         out = VLAWithPriorOutput(
-            loss=loss, bc_loss=bc_loss, kd_loss=kd_loss, kd_weight=torch.tensor(lam, device=dev),
+            loss=loss, bc_loss=bc_loss, kd_loss=kd_loss, kd_weight=torch.tensor(lam, device=dev), shortcut_loss=shortcut,
             latent_mean=mean, latent_logvar=logvar, prior_mean=prior_mean, prior_logvar=prior_logvar,
             velocity=velocity, target_velocity=target, timesteps=timesteps,
         )
@@ -569,15 +580,17 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
         scheduler: FlowMatchingActionScheduler | None = None,
+        guidance: ChunkGuidance | None = None,
     ) -> torch.Tensor:
         """Integrate the action head's flow from noise to a chunk given latents ``z`` ``(B, d_z)``: the decoder's
-        latent conditioning is computed once, then only the decoder runs per flow step.
+        latent conditioning is computed once, then only the decoder runs per flow step. ``guidance``: real-time
+        chunking toward the chunk being executed (``ChunkGuidance``).
 
         Returns ``(B, H, D_max)`` float32 normalized actions, zero in padded dimensions.
         """
         dim_mask = self._default_dim_mask(z.shape[0], z.device) if dim_mask is None else dim_mask
         return integrate_flow(self.action_head, scheduler or self.scheduler, z, dim_mask,
-                              self.config.prior_config.chunk_size, num_inference_steps, generator, noise)
+                              self.config.prior_config.chunk_size, num_inference_steps, generator, noise, guidance)
 
     @torch.no_grad()
     def predict_action(
@@ -593,12 +606,14 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         state: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         scheduler: FlowMatchingActionScheduler | None = None,
+        guidance: ChunkGuidance | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """The next chunk for processed observations: ONE VLM forward gives the latent mean, then only the action
         head runs inside the flow loop.
 
-        Args: as ``forward`` (``kwargs`` takes other processor outputs and ignores them).
+        Args: as ``forward`` (``kwargs`` takes other processor outputs and ignores them); ``guidance``: real-time
+        chunking (``ChunkGuidance``, normalized units), as the pipeline builds it from ``previous_chunk``.
         Returns:
             ``(B, H, D_max)`` float32 normalized actions, zero in padded dimensions.
         """
@@ -607,7 +622,7 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         self._check_action_inputs(history, history_mask, dim_mask, state=state, batch=b)
         with torch.inference_mode():  # internal only: the chunk returned is an ordinary tensor
             mean, _ = self.encode(input_ids, pixel_values, attention_mask, history, history_mask, dim_mask, state)
-        chunk = self.sample_actions(mean, dim_mask, num_inference_steps, generator, noise, scheduler)
+        chunk = self.sample_actions(mean, dim_mask, num_inference_steps, generator, noise, scheduler, guidance)
         ensure_finite_actions(self, chunk, {"history": history, "state": state, "pixel_values": pixel_values})
         return chunk
 

@@ -135,6 +135,11 @@ class EpisodeOutcome:
     plans: int  # pipeline calls
     seconds: float
     video: str | None = None
+    # Mean squared change between consecutive executed actions (raw units): at chunk switches, and within chunks.
+    boundary_jump: float | None = None
+    boundaries: int = 0
+    within_step: float | None = None
+    within_steps: int = 0
 
 
 @dataclass
@@ -147,45 +152,84 @@ class TaskSummary:
     ci95_low: float
     ci95_high: float
     mean_steps_to_success: float | None
+    # Pooled over every chunk switch (and every within-chunk step) of the episodes: see run_episode.
+    mean_boundary_jump: float | None = None
+    mean_within_step: float | None = None
     episodes_detail: list[dict] = field(default_factory=list)
 
 
 def run_episode(robot_pipeline, sim_task, seed: int, execute_steps: int, max_steps: int, embodiment: str,
-                num_inference_steps: int | None = None, record: bool = False):
-    """One closed-loop episode. Returns ``(success, steps, plans, frames or None)``.
+                num_inference_steps: int | None = None, record: bool = False, inference_delay: int = 0,
+                rtc: bool = False, max_guidance_weight: float | None = None):
+    """One closed-loop episode. Returns ``(success, steps, plans, frames or None, smoothness)``.
 
-    Every ``execute_steps`` environment steps the pipeline sees the current image and the last ``K`` executed
-    actions (raw units) and returns a chunk; its first ``execute_steps`` actions are executed.
+    Every ``execute_steps`` (``s``) environment steps the pipeline sees the current image and the last ``K`` executed
+    actions (raw units) and returns a chunk. With ``inference_delay`` ``d = 0`` the chunk's first ``s`` actions are
+    executed (action chunking). With ``d > 0`` the delay is simulated as a real robot lives it: computing the chunk
+    takes ``d`` control steps, during which the robot keeps executing the previous chunk (its next ``d`` actions);
+    then it switches to the new chunk at the step the new chunk's index ``d`` stands for, and executes until the
+    next observation, ``s`` steps after this one. The first chunk of an episode is waited for (nothing is executing
+    yet). Naive switching (``rtc=False``) samples the new chunk freely; ``rtc=True`` passes what is left of the
+    executing chunk as ``previous_chunk`` (real-time chunking: the committed ``d`` actions are kept exactly and the
+    overlap is guided toward it). Needs ``d <= s`` and ``s + d <= chunk_size``.
+
+    ``smoothness``: ``{"boundary": [...], "within": [...]}``, the mean squared change between consecutive executed
+    actions (raw units, mean over the action's dimensions), where the executed action switches from one chunk to
+    the next, and between two actions of the same chunk.
     """
     from modeling_actprior.sim import episode_seed
 
+    s, d = max(1, int(execute_steps)), int(inference_delay)
+    chunk_size = int(robot_pipeline.model.config.prior_config.chunk_size)
+    if d < 0 or d > s or s + d > chunk_size:
+        raise ValueError(f"inference_delay={d} with execute_steps={s} and chunk_size={chunk_size}: the delay must be "
+                         "at most execute_steps, and execute_steps + delay at most the chunk, so the robot never runs "
+                         "out of actions while the next chunk is computed.")
     sim_task.reset(seed)
     history: list[np.ndarray] = []
     frames = [] if record else None
-    plan: list[np.ndarray] = []
+    queue: list[tuple[np.ndarray, int]] = []  # (action, index of the chunk it comes from)
+    last_source = None
+    executing = None  # the chunk the queue's tail comes from, and the index of its next unqueued action
+    offset = 0
     plans = 0
+    smooth = {"boundary": [], "within": []}
     k = robot_pipeline.processor.history_length
     width = robot_pipeline.normalizer.spec(embodiment).action_dim
     limit = min(int(max_steps), sim_task.max_steps)
     for t in range(limit):
-        if not plan:
-            image = sim_task.image()
-            out = robot_pipeline(image, instruction=sim_task.instruction,
+        if not queue:
+            leftover = None if executing is None else executing[offset:]
+            extra = {}
+            if rtc and leftover is not None:
+                extra = {"previous_chunk": leftover, "inference_delay": d}
+                if max_guidance_weight is not None:
+                    extra["max_guidance_weight"] = max_guidance_weight
+            out = robot_pipeline(sim_task.image(), instruction=sim_task.instruction,
                                  history=np.asarray(history[-k:], dtype=np.float32).reshape(-1, width),
                                  embodiment=embodiment, num_inference_steps=num_inference_steps,
-                                 seed=episode_seed(seed, "plan", sim_task.task, embodiment, plans))
-            plan = list(out["actions"][: max(1, int(execute_steps))])
+                                 seed=episode_seed(seed, "plan", sim_task.task, embodiment, plans), **extra)
+            chunk = np.asarray(out["actions"])
+            if leftover is None:  # the episode's first chunk: the robot waited for it
+                queue = [(a, plans) for a in chunk[:s]]
+            else:  # the robot executes d more of the previous chunk while this one is computed
+                queue = [(a, plans - 1) for a in leftover[:d]] + [(a, plans) for a in chunk[d:s]]
+            executing, offset = chunk, s
             plans += 1
         if record:
             frames.append(sim_task.image())
-        action = plan.pop(0)
+        action, source = queue.pop(0)
+        if history:
+            switch = source != last_source
+            smooth["boundary" if switch else "within"].append(float(np.mean((action - history[-1]) ** 2)))
+        last_source = source
         success, over = sim_task.step(action)
         history.append(np.asarray(action, dtype=np.float32))
         if success:
-            return True, t + 1, plans, frames
+            return True, t + 1, plans, frames, smooth
         if over:
             break
-    return False, len(history), plans, frames
+    return False, len(history), plans, frames, smooth
 
 
 def write_video(frames: Sequence[np.ndarray], path: str, fps: float) -> str:
@@ -241,7 +285,8 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
              video_format: str = "gif", seed: int = 0, execute_steps: int = DEFAULT_EXECUTE_STEPS,
              max_steps: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE, embodiment: str | None = None,
              robot: str | None = None, num_inference_steps: int | None = None, device: str | None = None,
-             progress: bool = True, robot_pipeline=None) -> dict:
+             progress: bool = True, robot_pipeline=None, inference_delay: int = 0, rtc: bool = False,
+             max_guidance_weight: float | None = None) -> dict:
     """Roll ``model`` out on ``tasks`` for ``episodes`` each; write ``out`` (JSON) and a success chart beside it.
 
     Args:
@@ -256,6 +301,9 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
         embodiment: the robot name the checkpoint knows this arm by (default: the simulator's robot name).
         robot_pipeline: an already built ``robot-action`` pipeline to roll out instead of loading ``model`` (which
             then only names it in the results), e.g. a run's intermediate checkpoint loaded in memory.
+        inference_delay / rtc / max_guidance_weight: the simulated delay of each chunk in control steps, during which
+            the previous chunk keeps executing, and whether the new chunk is made with real-time chunking (see
+            ``run_episode``).
     Returns:
         The results dict written to ``out``.
     """
@@ -269,6 +317,9 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
     if int(episodes) < 1 or int(execute_steps) < 1 or not MIN_IMAGE_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:
         raise ValueError(f"evaluate needs episodes >= 1, execute_steps >= 1 and image_size in [{MIN_IMAGE_SIZE}, "
                          f"{MAX_IMAGE_SIZE}]; got {episodes}, {execute_steps}, {image_size}.")
+    if int(inference_delay) < 0 or int(inference_delay) > int(execute_steps):
+        raise ValueError(f"inference_delay must be between 0 and execute_steps={execute_steps} (the robot executes "
+                         f"the previous chunk meanwhile); got {inference_delay}.")
     if sim not in EVAL_SIMULATORS:
         raise ValueError(f"Closed-loop evaluation supports {', '.join(EVAL_SIMULATORS)}; got {sim!r}.")
     if video_format not in ("gif", "mp4"):
@@ -285,6 +336,10 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
         robot_pipeline = pipeline("robot-action", model=model, device=device or ("cuda" if torch.cuda.is_available()
                                                                                else "cpu"))
     robot_pipeline.normalizer.spec(embodiment)  # fail before any rollout if the checkpoint lacks this robot
+    chunk_size = int(robot_pipeline.model.config.prior_config.chunk_size)
+    if int(execute_steps) + int(inference_delay) > chunk_size:
+        raise ValueError(f"execute_steps={execute_steps} + inference_delay={inference_delay} exceeds the checkpoint's "
+                         f"chunk of {chunk_size}: the robot would run out of actions while the next chunk is computed.")
 
     bar = None
     if progress:
@@ -300,10 +355,12 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
             for i, env_seed in enumerate(evaluation_seeds(seed, sim, task, robot, episodes)):
                 record = video_dir is not None and i < int(video_episodes)
                 t0 = time.perf_counter()
-                ok, steps, plans, frames = run_episode(robot_pipeline, sim_task, env_seed, execute_steps,
-                                                       max_steps or sim_task.max_steps, embodiment,
-                                                       num_inference_steps, record)
-                outcome = EpisodeOutcome(task, i, env_seed, ok, steps, plans, time.perf_counter() - t0)
+                ok, steps, plans, frames, smooth = run_episode(
+                    robot_pipeline, sim_task, env_seed, execute_steps, max_steps or sim_task.max_steps, embodiment,
+                    num_inference_steps, record, int(inference_delay), bool(rtc), max_guidance_weight)
+                outcome = EpisodeOutcome(task, i, env_seed, ok, steps, plans, time.perf_counter() - t0,
+                                         boundary_jump=_mean(smooth["boundary"]), boundaries=len(smooth["boundary"]),
+                                         within_step=_mean(smooth["within"]), within_steps=len(smooth["within"]))
                 if record and frames:
                     fps = min(30.0, robot_pipeline.normalizer.spec(embodiment).fps)
                     outcome.video = write_video(frames, os.path.join(video_dir, f"{task}_ep{i}.{video_format}"), fps)
@@ -328,7 +385,9 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
         "overall": {k: v for k, v in asdict(overall).items() if k not in ("task", "instruction", "episodes_detail")},
         "settings": {"episodes_per_task": int(episodes), "seed": int(seed), "seed_namespace": eval_namespace(sim),
                      "execute_steps": int(execute_steps), "max_steps": max_steps, "image_size": int(image_size),
-                     "num_inference_steps": num_inference_steps, "confidence": 0.95, "interval": "wilson"},
+                     "num_inference_steps": num_inference_steps, "inference_delay": int(inference_delay),
+                     "rtc": bool(rtc), "max_guidance_weight": max_guidance_weight, "confidence": 0.95,
+                     "interval": "wilson"},
         "seconds": time.perf_counter() - t_start,
         "python": platform.python_version(),
     }
@@ -343,12 +402,24 @@ def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = N
     return results
 
 
+def _mean(values: Sequence[float]) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+def _pooled(outcomes: list[EpisodeOutcome], mean: str, count: str) -> float | None:
+    """The mean over every event of the episodes, from each episode's mean and count."""
+    pairs = [(getattr(o, mean), getattr(o, count)) for o in outcomes if getattr(o, mean) is not None]
+    total = sum(c for _, c in pairs)
+    return float(sum(m * c for m, c in pairs) / total) if total else None
+
+
 def _summarize(task: str, instruction: str, outcomes: list[EpisodeOutcome]) -> TaskSummary:
     n, k = len(outcomes), sum(o.success for o in outcomes)
     low, high = wilson_interval(k, n)
     steps = [o.steps for o in outcomes if o.success]
     return TaskSummary(task, instruction, n, k, k / n if n else 0.0, low, high,
                        float(np.mean(steps)) if steps else None,
+                       _pooled(outcomes, "boundary_jump", "boundaries"), _pooled(outcomes, "within_step", "within_steps"),
                        [{k_: v for k_, v in asdict(o).items() if k_ != "task"} for o in outcomes])
 
 
@@ -370,7 +441,15 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--max-steps", type=int_at_least(1), default=None, help="step limit per episode (default: the task's)")
     parser.add_argument("--image-size", type=int_at_least(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE), default=DEFAULT_IMAGE_SIZE,
                         help="camera size of the training data")
-    parser.add_argument("--num-inference-steps", type=int, default=None, help="flow steps (default: the checkpoint's)")
+    parser.add_argument("--num-inference-steps", type=int_at_least(1), default=None,
+                        help="flow steps (default: the checkpoint's)")
+    parser.add_argument("--inference-delay", type=int_at_least(0), default=0,
+                        help="simulated chunk latency in control steps: the previous chunk keeps executing meanwhile")
+    parser.add_argument("--rtc", action=argparse.BooleanOptionalAction, default=False,
+                        help="real-time chunking: keep the committed actions and guide the overlap toward the "
+                             "executing chunk (default: naive switching)")
+    parser.add_argument("--max-guidance-weight", type=float, default=None,
+                        help="real-time chunking's guidance cap (default 5)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -379,13 +458,19 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 def run_evaluate(args: argparse.Namespace) -> int:
     results = evaluate(args.model, args.sim, args.tasks, args.episodes, args.out, args.video_dir, args.video_episodes,
                        args.video_format, args.seed, args.execute_steps, args.max_steps, args.image_size,
-                       args.embodiment, args.robot, args.num_inference_steps, args.device, not args.no_progress)
+                       args.embodiment, args.robot, args.num_inference_steps, args.device, not args.no_progress,
+                       inference_delay=args.inference_delay, rtc=args.rtc,
+                       max_guidance_weight=args.max_guidance_weight)
     for row in results["tasks"]:
         print(f"{row['task']:<28} {row['successes']:>3}/{row['episodes']:<3} success "
               f"{row['success_rate']:.2f} [{row['ci95_low']:.2f}, {row['ci95_high']:.2f}]")
     o = results["overall"]
     print(f"{'overall':<28} {o['successes']:>3}/{o['episodes']:<3} success {o['success_rate']:.2f} "
           f"[{o['ci95_low']:.2f}, {o['ci95_high']:.2f}] -> {args.out}")
+    if o.get("mean_boundary_jump") is not None:
+        print(f"mean squared action change: {o['mean_boundary_jump']:.4g} at chunk switches, "
+              f"{o['mean_within_step'] or 0:.4g} within chunks (delay {args.inference_delay}, "
+              f"{'rtc' if args.rtc else 'naive switching'})")
     return 0
 
 

@@ -5,11 +5,14 @@ interpolant is ``x_t = t * noise + (1 - t) * actions`` and the model predicts th
 ``v = noise - actions``; sampling integrates ``dx/dt = v`` from ``t = 1`` down to ``t = 0``, so each
 step is ``x <- x + (t_next - t) * v`` with ``t_next - t < 0``.
 
-Two solvers share one grid of ``num_inference_steps`` uniform intervals:
+Three solvers share one grid of ``num_inference_steps`` uniform intervals:
 
 * ``"euler"``: one velocity evaluation per interval (10 by default);
 * ``"heun"``: second order (predict with Euler, correct with the mean of both slopes), two
-  evaluations per interval except the last, like diffusers' ``HeunDiscreteScheduler``.
+  evaluations per interval except the last, like diffusers' ``HeunDiscreteScheduler``;
+* ``"shortcut"``: one evaluation per interval of a decoder trained as a shortcut model
+  (``ActionPriorConfig.shortcut_max_steps``), told the interval's length ``d`` (``model_step_sizes``), so it
+  returns the average velocity over the step rather than the instantaneous one: 1 or 2 steps suffice.
 
 Concurrency: ``set_timesteps`` and the Heun corrector keep per-run state on the instance, as all diffusers
 schedulers do. Callers that share one scheduler between threads (a pipeline serving several requests)
@@ -31,7 +34,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-SOLVERS = ("euler", "heun")
+SOLVERS = ("euler", "heun", "shortcut")
 
 
 @dataclass
@@ -53,7 +56,8 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
 
     Args:
         num_inference_steps (`int`, defaults to 10): intervals of the uniform time grid.
-        solver (`str`, defaults to `"euler"`): ``"euler"`` or ``"heun"`` (second order).
+        solver (`str`, defaults to `"euler"`): ``"euler"``, ``"heun"`` (second order) or ``"shortcut"`` (step-size
+            conditioned Euler, for decoders trained with ``shortcut_max_steps``).
         t_max (`float`, defaults to 1.0): flow time at which sampling starts (1 = pure noise).
         t_min (`float`, defaults to 0.0): flow time at which sampling stops (0 = data).
 
@@ -107,12 +111,20 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
         return list(self._timestep_values)
 
     def euler_step_sizes(self) -> list[float] | None:
-        """The Euler solver's steps ``t_next - t`` (negative) on the current grid, for samplers that apply the update
-        ``x + dt * v`` themselves (one fused op per step); None for any other solver (call ``step``)."""
-        if self.config.solver != "euler":
+        """The Euler (or shortcut) solver's steps ``t_next - t`` (negative) on the current grid, for samplers that
+        apply the update ``x + dt * v`` themselves (one fused op per step); None for Heun (call ``step``)."""
+        if self.config.solver == "heun":
             return None
         s = self._sigma_values
         return [s[i + 1] - s[i] for i in range(len(s) - 1)]
+
+    def model_step_sizes(self) -> list[float] | None:
+        """The step size ``d > 0`` the decoder is told at each model evaluation (the shortcut solver: each interval's
+        length); None for the other solvers, whose decoder returns the instantaneous velocity (``d = 0``)."""
+        if self.config.solver != "shortcut":
+            return None
+        s = self._sigma_values
+        return [s[i] - s[i + 1] for i in range(len(s) - 1)]
 
     @property
     def step_index(self) -> int:
@@ -148,7 +160,7 @@ class FlowMatchingActionScheduler(SchedulerMixin, ConfigMixin):
         v = model_output.float()
         x = sample.float()
         sigmas = self._sigma_values
-        if self.config.solver == "euler":
+        if self.config.solver != "heun":
             prev = torch.add(x, v, alpha=sigmas[i + 1] - sigmas[i])
         elif self._heun_state is None:
             interval = (i + 1) // 2

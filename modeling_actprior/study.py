@@ -153,6 +153,10 @@ class Budget:
     demo_action_noise: float = 0.3
     # Base seed of the closed-loop evaluation scenes (the same for every variant and training seed).
     eval_seed: int = 0
+    # Extra train_stage1.py options of every prior (e.g. ("--shortcut_max_steps", "16")).
+    stage1_options: tuple[str, ...] = ()
+    # False: Stage-2 jobs only train (a caller rolls the runs out itself, e.g. benchmarks/realtime.py).
+    closed_loop: bool = True
 
     @property
     def eval_steps(self) -> list[int]:
@@ -288,7 +292,7 @@ def plan_jobs(out: str, budget: Budget, data: dict) -> tuple[list[Job], list[Job
                  "--model_preset", budget.stage1_preset, "--batch_size", str(budget.stage1_batch_size),
                  "--learning_rate", str(budget.stage1_learning_rate), "--eval_every", "250",
                  "--checkpoint_every", "500", "--log_every", "50", "--no_progress", "--resume_from_checkpoint",
-                 "latest", "--seed", "0"]
+                 "latest", "--seed", "0", *budget.stage1_options]
         stage1_jobs.append(Job(f"stage1/size{size}", argv, os.path.join(run, "final", "eval_results.json"),
                                os.path.join(out, "logs", f"stage1_size{size:03d}.log")))
     main_demos = budget.demos[0]
@@ -382,6 +386,9 @@ def _stage2_job(args: argparse.Namespace) -> int:
                 "--val_fraction", "0.1", "--log_every", "25", "--no_progress", "--resume_from_checkpoint", "latest",
                 *VARIANT_OPTIONS.get(args.variant, ())]
         _training_script("train_stage2").main(argv)
+    if not budget.closed_loop:
+        write_json(os.path.join(args.run, "closed_loop.json"), {"run": args.run, "steps": []})
+        return 0
     closed = evaluate_checkpoints(args.run, budget, seed=args.seed, final_only=args.final_only)
     # What the chunk depends on is measured on the clean demonstrations for every variant.
     sensitivity_file(args.run, os.path.join(args.out, "data", "demos"))
@@ -795,9 +802,9 @@ def run_study(out: str, budget: Budget, jobs: int | None = None, threads: int = 
                    threads, "stage 2 runs + closed loop")
     for job in stage2_jobs:
         run = os.path.dirname(job.done)
-        if os.path.isfile(job.done) and "--final-only" not in job.argv:
+        if budget.closed_loop and os.path.isfile(job.done) and "--final-only" not in job.argv:
             sensitivity_file(run, data["demos"])
-    summary = summarize(out, budget)
+    summary = summarize(out, budget) if budget.closed_loop else {"runs": [os.path.dirname(j.done) for j in stage2_jobs]}
     summary["failed_jobs"] = failed
     summary["timings"] = timings
     summary["machine"] = {"cpus": os.cpu_count(), "jobs": jobs, "threads_per_job": threads}

@@ -18,7 +18,16 @@ Inputs (one sample, or lists for a batch):
   (episode start) or shorter than the model's ``history_length`` K; longer histories keep their last K steps.
 * ``embodiment``: the robot's name; the checkpoint must carry normalization statistics for it.
 * ``state``: optional current state ``(S,)``, standardized as in training (``S <= max_state_dim``).
-* ``num_inference_steps``: flow steps (default: the checkpoint's scheduler).
+* ``num_inference_steps``: flow steps (default: the checkpoint's scheduler; a shortcut-trained checkpoint samples well
+  in 1 or 2).
+* ``previous_chunk``, ``inference_delay``, ``execution_horizon``, ``max_guidance_weight``: real-time chunking (Black et
+  al. 2025). ``previous_chunk`` is what is left of the chunk being executed, ``(L, action_dim)`` raw actions, the next
+  one to execute first (or the previous call's output dict, whose embodiment is then checked, sliced by the caller:
+  ``{**out, "actions": out["actions"][executed:]}``). The robot keeps executing it while this chunk is computed, for
+  ``inference_delay`` control steps: the new chunk's first ``inference_delay`` actions ARE those committed actions,
+  exactly; the next ones, up to ``execution_horizon`` (default ``L``), are guided through the flow toward the previous
+  chunk with a weight that decays over the horizon; the rest is free. ``max_guidance_weight`` (default 5) caps the
+  guidance scale; 0 keeps only the committed prefix.
 * ``seed`` (int, or one per sample) or ``generator`` (one, or one per sample): each sample draws its initial noise
   ``(chunk_size, max_action_dim)`` from its own generator, so a sample's actions do not depend on which batch it
   was in.
@@ -76,13 +85,23 @@ class RobotActionPipeline(Pipeline):
                   "state": state}
         return super().__call__(inputs, **kwargs)
 
-    def _sanitize_parameters(self, num_inference_steps=None, seed=None, generator=None, camera=None, **kwargs):
+    def _sanitize_parameters(self, num_inference_steps=None, seed=None, generator=None, camera=None,
+                             previous_chunk=None, inference_delay=None, execution_horizon=None,
+                             max_guidance_weight=None, **kwargs):
         if kwargs:
             raise TypeError(
                 f"robot-action got unexpected arguments {sorted(kwargs)}; it takes images, instruction, history, "
-                "embodiment, state, num_inference_steps, seed, generator and camera."
+                "embodiment, state, num_inference_steps, seed, generator, camera, and for real-time chunking "
+                "previous_chunk, inference_delay, execution_horizon and max_guidance_weight."
             )
+        if previous_chunk is None and any(v is not None for v in (inference_delay, execution_horizon,
+                                                                   max_guidance_weight)):
+            raise ValueError("inference_delay, execution_horizon and max_guidance_weight belong to real-time chunking "
+                             "and need previous_chunk= (what is left of the chunk being executed).")
         preprocess = {k: v for k, v in (("seed", seed), ("generator", generator), ("camera", camera)) if v is not None}
+        if previous_chunk is not None:
+            preprocess["rtc"] = {"previous_chunk": previous_chunk, "inference_delay": inference_delay,
+                                 "execution_horizon": execution_horizon, "max_guidance_weight": max_guidance_weight}
         forward = {"num_inference_steps": num_inference_steps} if num_inference_steps is not None else {}
         return preprocess, forward, {}
 
@@ -102,7 +121,7 @@ class RobotActionPipeline(Pipeline):
         return norm
 
     # ------------------------------------------------------------------------------------ steps
-    def preprocess(self, inputs, seed=None, generator=None, camera=None):
+    def preprocess(self, inputs, seed=None, generator=None, camera=None, rtc=None):
         batched = isinstance(inputs["images"], (list, tuple))
         images = list(inputs["images"]) if batched else [inputs["images"]]
         b = len(images)
@@ -124,20 +143,28 @@ class RobotActionPipeline(Pipeline):
         feats["noise"] = self._noise(b, seed, generator)
         feats["embodiments"] = names
         feats["batched"] = batched
+        feats["committed"] = None
+        if rtc is not None:
+            feats["guidance"], feats["committed"] = self._guidance(rtc, names, specs, b, batched)
         return feats
 
     def _forward(self, model_inputs, num_inference_steps=None):
         names, batched = model_inputs.pop("embodiments"), model_inputs.pop("batched")
+        committed = model_inputs.pop("committed")
         chunk = self.model.predict_action(**model_inputs, num_inference_steps=num_inference_steps)
-        return {"chunk": chunk, "embodiments": names, "batched": batched}
+        return {"chunk": chunk, "embodiments": names, "batched": batched, "committed": committed}
 
     def postprocess(self, model_outputs):
         norm, chunk = self.normalizer, model_outputs["chunk"].float().cpu()
+        committed = model_outputs.get("committed")
         out = []
         for i, name in enumerate(model_outputs["embodiments"]):
             spec = norm.spec(name)
+            actions = norm.unnormalize(chunk[i], name).numpy().astype(np.float32)
+            if committed is not None and len(committed[i]):
+                actions[: len(committed[i])] = committed[i]  # the very values the robot executes, not a round trip
             out.append({
-                "actions": norm.unnormalize(chunk[i], name).numpy().astype(np.float32),
+                "actions": actions,
                 "embodiment": name,
                 "action_names": list(spec.action_names),
                 "fps": float(spec.fps),
@@ -189,6 +216,55 @@ class RobotActionPipeline(Pipeline):
                 )
             out.append(h[-k:] if k > 0 else h[:0])
         return out
+
+    def _guidance(self, rtc, names, specs, b, batched):
+        """Real-time chunking inputs -> (guidance for the model in normalized units, committed raw prefixes)."""
+        pc = self.model.config.prior_config
+        horizon_len, d = pc.chunk_size, rtc["inference_delay"]
+        d = 0 if d is None else d
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"inference_delay must be a whole number of control steps >= 0; got {d!r}.")
+        if d >= horizon_len:
+            raise ValueError(f"inference_delay={d} is not shorter than the chunk ({horizon_len} steps): the new chunk "
+                             "would be all committed actions. Execute fewer steps per chunk or compute faster.")
+        prev = rtc["previous_chunk"]
+        rows = list(prev) if batched and (isinstance(prev, (list, tuple)) or getattr(prev, "ndim", 0) == 3) \
+            else [prev] * b
+        if len(rows) != b:
+            raise ValueError(f"Got {b} images but {len(rows)} previous chunks; give one per image.")
+        targets, horizons, committed = [], [], []
+        for i, (row, name, spec) in enumerate(zip(rows, names, specs)):
+            which = f"previous_chunk{f' {i}' if batched else ''}"
+            if isinstance(row, dict):
+                if row.get("embodiment") not in (None, name):
+                    raise ValueError(f"{which} was made for embodiment {row.get('embodiment')!r}, but this call is "
+                                     f"for {name!r}: real-time chunking continues a chunk of the same robot.")
+                row = row.get("actions")
+            a = row.detach().cpu().float().numpy() if isinstance(row, torch.Tensor) else np.asarray(row, np.float32)
+            if a.ndim != 2 or a.shape[-1] != spec.action_dim or not 1 <= a.shape[0] <= horizon_len:
+                raise ValueError(
+                    f"{which} for {name!r} must be (steps, {spec.action_dim}) raw actions ({', '.join(spec.action_names)}"
+                    f"), what is left of the executing chunk, 1 to {horizon_len} steps; got shape {tuple(a.shape)}.")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{which} contains NaN or inf; pass the actions the robot is executing.")
+            if d > a.shape[0]:
+                raise ValueError(f"inference_delay={d} is longer than {which} ({a.shape[0]} steps left): the robot "
+                                 "would run out of actions before the new chunk is ready.")
+            h = a.shape[0] if rtc["execution_horizon"] is None else rtc["execution_horizon"]
+            if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not d <= h <= a.shape[0]:
+                raise ValueError(f"execution_horizon must be a whole number between inference_delay={d} and the "
+                                 f"{a.shape[0]} steps of {which}; got {h!r}.")
+            target = torch.zeros(horizon_len, pc.max_action_dim)
+            target[: a.shape[0]] = self.normalizer.normalize(torch.from_numpy(a), name)[0]
+            targets.append(target)
+            horizons.append(int(h))
+            committed.append(a[:d].astype(np.float32))
+        beta = 5.0 if rtc["max_guidance_weight"] is None else float(rtc["max_guidance_weight"])
+        if not np.isfinite(beta) or beta < 0:
+            raise ValueError(f"max_guidance_weight must be a finite number >= 0; got {rtc['max_guidance_weight']!r}.")
+        guidance = {"target": torch.stack(targets), "inference_delay": int(d), "execution_horizon": horizons,
+                    "max_weight": beta}
+        return guidance, committed
 
     def _states(self, state, b, batched):
         if state is None:

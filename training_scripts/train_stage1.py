@@ -204,8 +204,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             data_wait += t1 - t0
             compute += time.perf_counter() - t1
-            for k in ("loss", "flow_loss", "kl_loss"):
-                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.gradient_accumulation_steps
+            for k in ("loss", "flow_loss", "kl_loss", "shortcut_loss"):
+                if getattr(out, k) is not None:  # shortcut_loss: shortcut models only
+                    running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.gradient_accumulation_steps
         lr_scheduler.step()
         step += 1
         bar.update(1)

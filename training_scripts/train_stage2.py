@@ -79,7 +79,7 @@ from modeling_actprior.training import (
 
 logger = logging.getLogger("actprior.stage2")
 
-LOGGED = ("loss", "bc_loss", "kd_loss", "kd_weight")
+LOGGED = ("loss", "bc_loss", "kd_loss", "kd_weight", "shortcut_loss")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,7 +269,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             data_wait += t1 - t0
             compute += time.perf_counter() - t1
             for k in LOGGED:
-                running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.gradient_accumulation_steps
+                if getattr(out, k) is not None:  # shortcut_loss: shortcut action heads only
+                    running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.gradient_accumulation_steps
         lr_scheduler.step()
         step += 1
         unwrapped.training_step.fill_(step)
