@@ -57,11 +57,16 @@ for extra in (ROOT / "benchmarks", ROOT / "training_scripts", ROOT / "tests", RO
 INSTRUCTIONS = ["put the block in the bowl", "open the drawer", "reach the goal"]
 EMBODIMENT = "xarm6"  # 7-D actions, a robot of the synthetic corpus
 FLOW_STEPS = 10
+FEW_STEPS = 2  # our few-step setting: a shortcut-trained action head (ActionPriorConfig.shortcut_max_steps)
+PI0_FEW_STEPS = 3  # the step count transformers' PI0 docs sample with
+SHORTCUT_MAX_STEPS = 16
 D_MAX = 32
 
 # The issue's goals.
 GOAL_PI0_RATIO = 0.5
 GOAL_FLOW_SHARE = 0.20
+GOAL_FEW_STEP_FLOW_SHARE = 0.08
+GOAL_FEW_STEP_PI0_RATIO = 0.5
 GOAL_HISTORY_OVERHEAD = 0.03
 GOAL_LOADER_RATIO = 10.0
 
@@ -224,15 +229,18 @@ def vla_dims(preset: str, image_size: int | None, image_token_id: int | None = N
     return vision, dict(text), tok if image_token_id is None else image_token_id, prior_preset
 
 
-def vla_config(preset, family, image_size, chunk, image_token_id=None, text_overrides=None, **overrides):
+def vla_config(preset, family, image_size, chunk, image_token_id=None, text_overrides=None, prior_overrides=None,
+               **overrides):
     """The VLA config of ``preset`` at ``image_size`` / ``chunk``; ``text_overrides`` change its language model (the
-    history-token scaling of section 4 widens and deepens it), ``overrides`` the VLA config's own fields."""
+    history-token scaling of section 4 widens and deepens it), ``prior_overrides`` its prior (the few-step section's
+    shortcut head), ``overrides`` the VLA config's own fields."""
     import modeling_actprior as ap
     from modeling_actprior.configuration_actprior_vla import _vlm
 
     vision, text, tok, prior_preset = vla_dims(preset, image_size, image_token_id)
     text.update(text_overrides or {})
-    prior = ap.ActionPriorConfig.from_preset(prior_preset, chunk_size=chunk, num_inference_steps=FLOW_STEPS)
+    prior = ap.ActionPriorConfig.from_preset(prior_preset, chunk_size=chunk,
+                                             **{"num_inference_steps": FLOW_STEPS, **(prior_overrides or {})})
     return ap.VLAWithPriorConfig(vlm_config=_vlm(family, vision, text, tok), prior_config=prior, **overrides)
 
 
@@ -247,7 +255,7 @@ def make_normalizer(d_max: int = D_MAX):
     return norm
 
 
-def build_vla(preset, family, image_size, chunk, seed=0, text_overrides=None, **overrides):
+def build_vla(preset, family, image_size, chunk, seed=0, text_overrides=None, prior_overrides=None, **overrides):
     """A random VLA with statistics for two robots, and its processor."""
     import torch
 
@@ -255,7 +263,7 @@ def build_vla(preset, family, image_size, chunk, seed=0, text_overrides=None, **
 
     torch.manual_seed(seed)
     model = ap.VLAWithPriorForAction(vla_config(preset, family, image_size, chunk, text_overrides=text_overrides,
-                                                **overrides)).eval()
+                                                prior_overrides=prior_overrides, **overrides)).eval()
     model.normalizer = make_normalizer(model.config.prior_config.max_action_dim)
     processor = ap.ActionPriorProcessor.from_config(model.config, model.normalizer, instructions=INSTRUCTIONS)
     return model, processor
@@ -367,6 +375,14 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
     pi0 = build_pi0(preset, image_size, chunk, sizing)
     pi0_split = pi0_param_split(pi0)
     norm = robot.normalizer
+    # Few-step: the same preset with a shortcut-trained action head (the step-size MLP runs once per time grid, not per
+    # chunk), sampled with the shortcut solver; compared with PI0 at PI0_FEW_STEPS.
+    fast_model, fast_processor = build_vla(preset, args.vlm_family, image_size, chunk, prior_overrides={
+        "shortcut_max_steps": SHORTCUT_MAX_STEPS, "num_inference_steps": FEW_STEPS})
+    fast_path = export_for_hub(fast_model, fast_processor, os.path.join(tmp, f"{preset}-{image_size}-{chunk}-fast"))
+    del fast_model
+    fast = pipeline("robot-action", model=fast_path, device="cpu")
+    assert fast.model.scheduler.config.solver == "shortcut"
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
@@ -391,34 +407,44 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
     def ours_model():
         return ours.predict_action(**model_inputs, num_inference_steps=FLOW_STEPS)
 
+    def ours_pipeline_few():
+        return fast(image, instruction=instruction, history=history, embodiment=EMBODIMENT, seed=0,
+                    num_inference_steps=FEW_STEPS)
+
     @torch.no_grad()
-    def pi0_end_to_end():
+    def pi0_end_to_end(steps=FLOW_STEPS):
         f = processor(images=[image], text=[instruction])
         noise = torch.randn(1, chunk, D_MAX, generator=torch.Generator().manual_seed(0))
         out = pi0.sample_actions(state=torch.zeros(1, D_MAX), input_ids=f["input_ids"], attention_mask=f["attention_mask"],
                                  pixel_values=f["pixel_values"][:, None], pixel_attention_mask=torch.ones(1, 1, dtype=torch.bool),
-                                 noise=noise, num_steps=FLOW_STEPS)
+                                 noise=noise, num_steps=steps)
         return norm.unnormalize(out[0, :, :width].float(), EMBODIMENT).numpy().astype(np.float32)
 
     def pi0_model():
         return pi0.sample_actions(**pi0_inputs, num_steps=FLOW_STEPS)
 
-    parts = []
+    def make_breakdown(pipe, steps, parts):
+        model = pipe.model
 
-    @torch.inference_mode()  # as predict_action runs the prefix (and sample_actions its loop)
-    def breakdown():
-        t0 = time.perf_counter()
-        f = robot.preprocess(dict(call), seed=0)
-        t1 = time.perf_counter()
-        names, batched = f.pop("embodiments"), f.pop("batched")
-        mean, _ = ours.encode(f["input_ids"], f["pixel_values"], f["attention_mask"], f["history"], f["history_mask"],
-                              f["dim_mask"], f.get("state"))
-        t2 = time.perf_counter()
-        chunk_ = ours.sample_actions(mean, f["dim_mask"], FLOW_STEPS, noise=f["noise"])
-        t3 = time.perf_counter()
-        robot.postprocess({"chunk": chunk_, "embodiments": names, "batched": batched})
-        t4 = time.perf_counter()
-        parts.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+        @torch.inference_mode()  # as predict_action runs the prefix (and sample_actions its loop)
+        def breakdown():
+            t0 = time.perf_counter()
+            f = pipe.preprocess(dict(call), seed=0)
+            t1 = time.perf_counter()
+            names, batched = f.pop("embodiments"), f.pop("batched")
+            mean, _ = model.encode(f["input_ids"], f["pixel_values"], f["attention_mask"], f["history"],
+                                   f["history_mask"], f["dim_mask"], f.get("state"))
+            t2 = time.perf_counter()
+            chunk_ = model.sample_actions(mean, f["dim_mask"], steps, noise=f["noise"])
+            t3 = time.perf_counter()
+            pipe.postprocess({"chunk": chunk_, "embodiments": names, "batched": batched})
+            t4 = time.perf_counter()
+            parts.append((t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+
+        return breakdown
+
+    parts, parts_few = [], []
+    breakdown = make_breakdown(robot, FLOW_STEPS, parts)
 
     # Same answer through the breakdown path as through the pipeline (the parts are what the pipeline runs).
     ref = ours_pipeline()["actions"]
@@ -433,8 +459,13 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
 
     print(f"[latency] {tag}: timing ({args.reps} reps)", flush=True)
     times = interleave({"ours_pipeline": ours_pipeline, "pi0_end_to_end": pi0_end_to_end, "ours_model": ours_model,
-                        "pi0_model": pi0_model, "breakdown": breakdown}, args.reps, args.warmup, label=tag)
+                        "pi0_model": pi0_model, "breakdown": breakdown,
+                        f"ours_pipeline_{FEW_STEPS}step": ours_pipeline_few,
+                        f"pi0_end_to_end_{PI0_FEW_STEPS}step": lambda: pi0_end_to_end(PI0_FEW_STEPS),
+                        f"breakdown_{FEW_STEPS}step": make_breakdown(fast, FEW_STEPS, parts_few)},
+                       args.reps, args.warmup, label=tag)
     parts = np.asarray(parts[-args.reps:])
+    parts_few = np.asarray(parts_few[-args.reps:])
     part_names = ["preprocess", "vlm_prefix", "flow_steps", "postprocess"]
     e2e = summarize(times["ours_pipeline"])
     share = {n: round(float(np.median(parts[:, i]) * 1e3 / e2e["median_ms"]), 4) for i, n in enumerate(part_names)}
@@ -461,6 +492,16 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
         "breakdown_ms": {n: summarize(parts[:, i]) for i, n in enumerate(part_names)},
         "breakdown_share_of_pipeline": share,
         "flow_share_within_call": round(flow_within, 4),
+        "few_step": {
+            "steps": FEW_STEPS, "pi0_steps": PI0_FEW_STEPS, "shortcut_max_steps": SHORTCUT_MAX_STEPS,
+            "ratio_pipeline_vs_pi0_end_to_end": paired_ratio(times[f"ours_pipeline_{FEW_STEPS}step"],
+                                                             times[f"pi0_end_to_end_{PI0_FEW_STEPS}step"]),
+            "ratio_vs_our_10_steps": paired_ratio(times[f"ours_pipeline_{FEW_STEPS}step"], times["ours_pipeline"]),
+            "breakdown_ms": {n: summarize(parts_few[:, i]) for i, n in enumerate(part_names)},
+            "flow_share_of_pipeline": round(float(np.median(parts_few[:, 2]) * 1e3
+                                                  / summarize(times[f"ours_pipeline_{FEW_STEPS}step"])["median_ms"]), 4),
+            "flow_share_within_call": round(float(np.median(parts_few[:, 2] / parts_few.sum(1))), 4),
+        },
         "flow_step_weight_bytes": flow_step_bytes(ours.action_head),
         "flops": {"ours_predict_action": ours_flops, "ours_vlm_prefix": enc_flops,
                   "ours_flow_steps": ours_flops - enc_flops, "pi0_sample_actions": pi0_flops},
@@ -790,6 +831,22 @@ def report_cpu(result) -> str:
             f"{100 * s['flow_share_within_call']:.1f}%",
             f"{s['flops']['ours_predict_action'] / 1e9:.3f} / {s['flops']['pi0_sample_actions'] / 1e9:.3f}"]
          for s in settings]))
+    if settings and "few_step" in settings[0]:
+        fs = settings[0]["few_step"]
+        out.append(f"\n### Few-step generation: our pipeline at {fs['steps']} steps (a shortcut-trained action head, "
+                   f"`shortcut_max_steps={fs['shortcut_max_steps']}`, the shortcut solver) against PI0 at "
+                   f"{fs['pi0_steps']} steps, the setting transformers' PI0 docs use (ms, median ± IQR)")
+        out.append(md_table(
+            ["setting", f"ours pipeline, {fs['steps']} steps", f"PI0 end-to-end, {fs['pi0_steps']} steps",
+             "ours/PI0", f"ours {fs['steps']} / ours 10 steps", f"flow steps ({fs['steps']})", "flow share",
+             "flow share within call"],
+            [[s["setting"], fmt(s["latency"][f"ours_pipeline_{fs['steps']}step"]),
+              fmt(s["latency"][f"pi0_end_to_end_{fs['pi0_steps']}step"]),
+              fmt_ratio(s["few_step"]["ratio_pipeline_vs_pi0_end_to_end"]),
+              fmt_ratio(s["few_step"]["ratio_vs_our_10_steps"]),
+              f"{s['few_step']['breakdown_ms']['flow_steps']['median_ms']:.2f}",
+              f"{100 * s['few_step']['flow_share_of_pipeline']:.1f}%",
+              f"{100 * s['few_step']['flow_share_within_call']:.1f}%"] for s in settings]))
     if settings and "flow_floor" in settings[0]:
         ws = result["machine_limit"]["weight_stream"]["best_gbps"]
         out.append(f"\nThe flow steps against the machine's limit: a batch-1 step reads every weight of the action head "
@@ -918,6 +975,19 @@ def goals_cpu(result) -> list[dict]:
         goals.append({"goal": f"flow steps <= {GOAL_FLOW_SHARE:.0%} of pipeline latency [{s['setting']}]",
                       "value": f"{100 * f:.1f}% (within-call {100 * s['flow_share_within_call']:.1f}%{at_floor})",
                       "measured": f, "pass": f <= GOAL_FLOW_SHARE})
+    for s in result["settings"]:
+        fs = s.get("few_step")
+        if not fs:
+            continue
+        f = fs["flow_share_of_pipeline"]
+        goals.append({"goal": f"{fs['steps']}-step flow steps <= {GOAL_FEW_STEP_FLOW_SHARE:.0%} of pipeline latency "
+                              f"[{s['setting']}]",
+                      "value": f"{100 * f:.1f}% (within-call {100 * fs['flow_share_within_call']:.1f}%)",
+                      "measured": f, "pass": f <= GOAL_FEW_STEP_FLOW_SHARE})
+        r = fs["ratio_pipeline_vs_pi0_end_to_end"]["median"]
+        goals.append({"goal": f"{fs['steps']}-step pipeline <= {GOAL_FEW_STEP_PI0_RATIO}x PI0 at {fs['pi0_steps']} "
+                              f"steps [{s['setting']}]",
+                      "value": f"{r:.2f}x end to end", "measured": r, "pass": r <= GOAL_FEW_STEP_PI0_RATIO})
     tr = result.get("training")
     if tr:
         for name, r in (("inference (pipeline)", tr["history_token_inference"]["ratio_pipeline_on_off"]),

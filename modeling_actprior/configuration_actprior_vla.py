@@ -137,6 +137,10 @@ class VLAWithPriorConfig(PreTrainedConfig):
         vision_mode (`str`, defaults to `"frozen"`):
             The vision tower when ``lora_r > 0``: ``"frozen"``, ``"lora"`` (adapters on its attention too) or
             ``"full"`` (trained). Without LoRA: ``"frozen"`` freezes it, anything else trains it.
+        base_vlm (`str`, *optional*):
+            The pretrained VLM this model started from (a Hub id or the folder it was loaded from), recorded by
+            ``from_prior(prior, vlm=...)``; None for a randomly initialized preset. Model cards name it as
+            ``base_model``.
         max_text_length (`int`, defaults to 64):
             Instruction tokens kept by the processor (longer instructions are truncated).
         actprior_vla_config_version (`int`):
@@ -177,6 +181,7 @@ class VLAWithPriorConfig(PreTrainedConfig):
     lora_target_modules: list[str] | None = None
     vision_mode: str = "frozen"
     max_text_length: int = 64
+    base_vlm: str | None = None
     actprior_vla_config_version: int = ACTPRIOR_VLA_CONFIG_VERSION
 
     def __post_init__(self, **kwargs):

@@ -190,6 +190,7 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         vlm_config: str | dict | object = "tiny",
         vlm_family: str = "llava",
         baseline: str | None = None,
+        vlm: str | os.PathLike | None = None,
         **config_overrides,
     ) -> VLAWithPriorForAction:
         """Build a VLA around a trained Stage-1 prior.
@@ -200,9 +201,13 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         Args:
             prior: an ``ActionPriorModel`` or a path / Hub id of one.
             vlm_config: a preset name of ``VLAWithPriorConfig.from_preset`` (``"tiny"``, ``"small"``,
-                ``"openvla-7b"``), a vision-language config, or a dict of one.
+                ``"openvla-7b"``), a vision-language config, or a dict of one: a randomly initialized VLM.
             vlm_family: ``"llava"`` or ``"paligemma"`` when ``vlm_config`` is a preset name.
             baseline: a name of ``VLA_BASELINES`` (``"no_prior"``, ``"decoder_only"``, ``"kd_only"``...).
+            vlm: a pretrained VLM instead (local folder or Hub id of a LLaVA or PaliGemma checkpoint, see
+                ``pretrained_vlm``): its config and weights replace ``vlm_config``; build the matching processor
+                with ``ActionPriorProcessor.from_vlm(vlm, model.config, model.normalizer)``. LoRA (``lora_r``) wraps
+                the pretrained weights. ``config.base_vlm`` records where it came from.
             config_overrides: other ``VLAWithPriorConfig`` fields.
         """
         if isinstance(prior, (str, os.PathLike)):
@@ -214,7 +219,17 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         prior_fields = {k: v for k, v in prior.config.to_diff_dict().items()
                         if k not in ("auto_map", "architectures", "transformers_version", "model_type", "dtype")}
         prior_config = ActionPriorConfig(**prior_fields)
-        if isinstance(vlm_config, str):
+        lora_r = None
+        if vlm is not None:
+            from .pretrained_vlm import load_vlm_config
+
+            from .configuration_actprior_vla import baseline_switches
+
+            fields = {**baseline_switches(baseline), **config_overrides}
+            lora_r = int(fields.pop("lora_r", 0))  # the adapters wrap the pretrained weights, loaded first
+            config = VLAWithPriorConfig(vlm_config=load_vlm_config(vlm), prior_config=prior_config,
+                                        base_vlm=str(vlm), **fields)
+        elif isinstance(vlm_config, str):
             config = VLAWithPriorConfig.from_preset(vlm_config, vlm_family=vlm_family, baseline=baseline,
                                                     prior_config=prior_config, **config_overrides)
         else:
@@ -223,6 +238,17 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
             config = VLAWithPriorConfig(vlm_config=vlm_config, prior_config=prior_config,
                                         **{**baseline_switches(baseline), **config_overrides})
         model = cls(config)
+        if vlm is not None:
+            from .pretrained_vlm import load_vlm_base_model
+
+            pretrained = load_vlm_base_model(vlm)
+            missing, unexpected = model.vlm.load_state_dict(pretrained.state_dict(), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"The weights of {vlm} do not fit its own config's base model (missing {missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}); the checkpoint is damaged or of another architecture.")
+            del pretrained
+            if lora_r:
+                model.apply_lora(r=lora_r)
         encoder_state = prior.encoder.state_dict()
         model.teacher.load_state_dict(encoder_state)
         if config.history_token:

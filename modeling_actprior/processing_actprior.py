@@ -8,9 +8,11 @@ It holds three things, saved beside the model and restored together by ``AutoPro
   with ``build_instruction_tokenizer``);
 * the action normalizer (per-embodiment statistics, ``action_normalizer.json``).
 
-Prompt layout, the same for every VLM family: ``[image token] * num_image_tokens + [bos] + instruction``,
-truncated to ``max_text_length`` instruction tokens and left-padded (the model appends the history token and
-the latent query after it, so the query is always the last position).
+Prompt layout: ``[image token] * num_image_tokens + [bos] + instruction + prompt_suffix``, the instruction truncated to
+``max_text_length`` tokens, left-padded (the model appends the history token and the latent query after it, so the
+query is always the last position). A processor built from a pretrained VLM (``from_vlm``) uses that VLM's tokenizer
+and, where it has one, its chat template: the instruction becomes the user's turn, followed by the generation prompt,
+with the template's image placeholder expanded to ``num_image_tokens``.
 
 This file is copied next to exported checkpoints for ``trust_remote_code`` loading, so it imports only its
 siblings, relatively.
@@ -70,11 +72,15 @@ class ActionPriorProcessor(ProcessorMixin):
         image_token (`str`): the VLM's image placeholder token.
         history_length (`int`): ``K``; histories are right-aligned into ``K`` steps.
         max_text_length (`int`): instruction tokens kept.
+        prompt_suffix (`str`): text after the instruction when there is no chat template (PaliGemma's ``"\n"``).
+        chat_template (`str`, *optional*): the VLM's chat template (see the module docstring).
     """
 
     def __init__(self, image_processor=None, tokenizer=None, action_normalizer=None, num_image_tokens: int = 1,
-                 image_token: str = IMAGE_TOKEN, history_length: int = 16, max_text_length: int = 64, **kwargs):
+                 image_token: str = IMAGE_TOKEN, history_length: int = 16, max_text_length: int = 64,
+                 prompt_suffix: str = "", **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
+        self.prompt_suffix = str(prompt_suffix)
         if isinstance(action_normalizer, dict):
             action_normalizer = ActionNormalizer.from_dict(action_normalizer)
         self.action_normalizer = action_normalizer
@@ -109,6 +115,31 @@ class ActionPriorProcessor(ProcessorMixin):
                 f"The tokenizer maps {processor.image_token!r} to id {processor.image_token_id} but the VLM expects "
                 f"image_token_id={config.image_token_id}. Use the VLM's own tokenizer, or set image_token_index."
             )
+        return processor
+
+    @classmethod
+    def from_vlm(cls, vlm, config, action_normalizer: ActionNormalizer | None = None, **hub_kwargs
+                 ) -> ActionPriorProcessor:
+        """The processor of a VLA built on the pretrained VLM ``vlm`` (local folder or Hub id; ``config``: the VLA's
+        ``VLAWithPriorConfig``): the VLM's own image processor, tokenizer and chat template. A tokenizer without a
+        pad token pads with its eos token (padding is masked out)."""
+        from .pretrained_vlm import SUPPORTED_VLM_TYPES, load_vlm_processor
+
+        vlm_processor = load_vlm_processor(vlm, **hub_kwargs)
+        tokenizer = vlm_processor.tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        image_token = getattr(vlm_processor, "image_token", None) or IMAGE_TOKEN
+        template = getattr(vlm_processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
+        processor = cls(vlm_processor.image_processor, tokenizer, action_normalizer,
+                        num_image_tokens=config.num_image_tokens, image_token=image_token,
+                        history_length=config.prior_config.history_length, max_text_length=config.max_text_length,
+                        prompt_suffix=SUPPORTED_VLM_TYPES.get(config.vlm_config.model_type, ""),
+                        chat_template=template)
+        if processor.image_token_id != config.image_token_id:
+            raise ValueError(f"{vlm}: the tokenizer maps {image_token!r} to id {processor.image_token_id} but the VLM's "
+                             f"config expects image_token_id={config.image_token_id}; the processor saved beside the "
+                             "model is not this model's.")
         return processor
 
     # ------------------------------------------------------------------------------------ call
@@ -172,7 +203,12 @@ class ActionPriorProcessor(ProcessorMixin):
                 token = tok.convert_ids_to_tokens(next(x for x in w if x in specials))
                 raise ValueError(f"Instruction {i} ({texts[i]!r}) contains the special token {token!r}, which marks "
                                  "where image features or padding go; remove it from the instruction.")
-        rows = [prefix + w[: self.max_text_length] for w in words]
+        words = [w[: self.max_text_length] for w in words]
+        if getattr(self, "chat_template", None):
+            rows = [self._chat_prompt(tok.decode(w), with_images) for w in words]
+        else:
+            suffix = tok(self.prompt_suffix, add_special_tokens=False)["input_ids"] if self.prompt_suffix else []
+            rows = [prefix + w + suffix for w in words]
         length = max(len(r) for r in rows)
         ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -180,6 +216,22 @@ class ActionPriorProcessor(ProcessorMixin):
             ids[i, length - len(r):] = torch.tensor(r, dtype=torch.long)
             mask[i, length - len(r):] = 1
         return {INPUT_IDS: ids, ATTENTION_MASK: mask}
+
+    def _chat_prompt(self, instruction: str, with_images: bool) -> list[int]:
+        """Token ids of the chat template's user turn (image, then the instruction) and generation prompt, the image
+        placeholder expanded to ``num_image_tokens``, starting with bos."""
+        content = ([{"type": "image"}] if with_images else []) + [{"type": "text", "text": instruction}]
+        text = self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                        tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        slots = [j for j, x in enumerate(ids) if x == self.image_token_id]
+        if with_images and len(slots) != 1:
+            raise ValueError(f"The chat template renders {len(slots)} image placeholders ({self.image_token!r}) for one "
+                             "image; it must render exactly one.")
+        if slots:
+            ids = ids[: slots[0]] + [self.image_token_id] * self.num_image_tokens + ids[slots[0] + 1:]
+        bos = self.tokenizer.bos_token_id
+        return ids if ids and ids[0] == bos else [bos] + ids
 
     def normalize_history(self, history, embodiment: str | list[str] | None) -> dict[str, torch.Tensor]:
         """Raw past actions -> ``history (B, K, D_max)`` normalized, right-aligned, ``history_mask (B, K)``,
@@ -251,6 +303,9 @@ class ActionPriorProcessor(ProcessorMixin):
             raise ValueError(f"A processor file in {path} cannot be read ({type(e).__name__}: {e}): tokenizer.json or a "
                              "config file is truncated or damaged. Copy the checkpoint again, or re-save the processor "
                              "with save_pretrained.") from None
+        if getattr(processor, "chat_template", None) is None and getattr(processor.tokenizer, "chat_template", None):
+            # transformers hands chat_template.jinja to the tokenizer on loading; the prompt is built here.
+            processor.chat_template = processor.tokenizer.chat_template
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, ACTION_NORMALIZER_NAME)):
                 processor.action_normalizer = ActionNormalizer.from_pretrained(path)

@@ -108,15 +108,17 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, batch_size: int, 
                    help="comma-separated options a resumed run may change on purpose (others are refused)")
 
 
-def add_config_field_arguments(parser: argparse.ArgumentParser, config_cls, group_title: str) -> list[str]:
-    """One ``--<field>`` option per field of a dataclass-style transformers config (default: keep the preset's)."""
+def add_config_field_arguments(parser: argparse.ArgumentParser, config_cls, group_title: str,
+                               skip: Sequence[str] = ()) -> list[str]:
+    """One ``--<field>`` option per field of a dataclass-style transformers config (default: keep the preset's),
+    except the fields named in ``skip`` (set by other options)."""
     group = parser.add_argument_group(group_title)
     names = []
     base_fields = {f.name for f in dataclasses.fields(config_cls.__mro__[1])} if dataclasses.is_dataclass(config_cls.__mro__[1]) else set()
     for f in dataclasses.fields(config_cls):
         # "float | None" (an optional number) takes a number on the command line like "float" does.
         ftype = f.type.removesuffix(" | None") if isinstance(f.type, str) else f.type
-        if f.name in base_fields or f.name.startswith("_") or f.name.endswith("_config_version") or ftype not in ("int", "float", "str", "bool", int, float, str, bool):
+        if f.name in base_fields or f.name in skip or f.name.startswith("_") or f.name.endswith("_config_version") or ftype not in ("int", "float", "str", "bool", int, float, str, bool):
             continue
         typ = {"int": int, "float": float, "str": str, "bool": _str2bool}.get(ftype, ftype if ftype is not bool else _str2bool)
         group.add_argument(f"--{f.name}", type=typ, default=None, help=f"override {config_cls.__name__}.{f.name}")

@@ -93,11 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0)
     p.add_argument("--model_preset", choices=sorted(VLA_PRESETS), default="tiny", help="size of the VLM backbone")
     p.add_argument("--vlm_family", choices=VLM_FAMILIES, default="llava")
+    p.add_argument("--vlm_name_or_path", default=None,
+                   help="start from this pretrained VLM (local folder or Hub id of a LLaVA or PaliGemma checkpoint with "
+                        "its processor) instead of a randomly initialized --model_preset / --vlm_family")
     p.add_argument("--baseline", choices=sorted(VLA_BASELINES), default=None,
                    help="a named set of the switches below (explicit switches override it)")
     p.add_argument("--camera", default=None, help="camera the VLM sees (default: the dataset's first camera)")
     add_training_arguments(p, batch_size=8, learning_rate=1e-4, warmup_steps=50, eval_windows=256, val_loss="BC loss")
-    add_config_field_arguments(p, ap.VLAWithPriorConfig, "model config overrides (default: the preset's / baseline's value)")
+    add_config_field_arguments(p, ap.VLAWithPriorConfig, "model config overrides (default: the preset's / baseline's value)",
+                               skip=("base_vlm",))  # set by --vlm_name_or_path, with the weights
     return p
 
 
@@ -206,10 +210,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- build
     overrides = {k: getattr(args, k) for k in field_names if getattr(args, k, None) is not None}
-    model = ap.VLAWithPriorForAction.from_prior(prior, args.model_preset, vlm_family=args.vlm_family,
-                                                baseline=args.baseline, **overrides)
+    if args.vlm_name_or_path:
+        model = ap.VLAWithPriorForAction.from_prior(prior, vlm=args.vlm_name_or_path, baseline=args.baseline,
+                                                    **overrides)
+        processor = ap.ActionPriorProcessor.from_vlm(args.vlm_name_or_path, model.config, model.normalizer)
+    else:
+        model = ap.VLAWithPriorForAction.from_prior(prior, args.model_preset, vlm_family=args.vlm_family,
+                                                    baseline=args.baseline, **overrides)
+        processor = ap.ActionPriorProcessor.from_config(model.config, model.normalizer,
+                                                        instructions=corpus["instructions"])
     config = model.config
-    processor = ap.ActionPriorProcessor.from_config(config, model.normalizer, instructions=corpus["instructions"])
     per_step = args.batch_size * accelerator.num_processes
     total_windows = sum(len(t) for t in train_sets)
     if per_step * args.gradient_accumulation_steps > total_windows:
@@ -375,6 +385,7 @@ def _write_card(final, model, corpus, evaluation, history, args, curve, lora_r) 
     embodiments = sorted({d["embodiment"] for d in corpus["datasets"]})
     rows = [{"embodiment": e, **evaluation[e]} for e in sorted(evaluation)]
     data = ModelCardData(library_name="transformers", pipeline_tag="robotics", license="apache-2.0",
+                         base_model=config.base_vlm if config.base_vlm and not os.path.isdir(config.base_vlm) else None,
                          tags=["robotics", "vision-language-action", "action-prior", "flow-matching", "actprior",
                                config.vlm_config.model_type, *embodiments])
     switches = {k: getattr(config, k) for k in ("use_prior_decoder", "history_token", "freeze_history_encoder",
@@ -384,7 +395,7 @@ def _write_card(final, model, corpus, evaluation, history, args, curve, lora_r) 
         data, template_path=model_card_template("actprior_vla.md"),
         embodiments=embodiments,
         vlm_type=config.vlm_config.model_type,
-        preset=args.model_preset,
+        preset=f"pretrained VLM `{config.base_vlm}`" if config.base_vlm else args.model_preset,
         baseline=(args.baseline or "full") + (" + overrides" if any(getattr(args, k, None) is not None
                                                                      for k in switches) else ""),
         switches_table=markdown_table([{"switch": k, "value": v} for k, v in switches.items()], ["switch", "value"]),
