@@ -118,6 +118,12 @@ def _count_parameters(folder: str) -> int:
     return total
 
 
+def _base_models(prior: str | None, vlm: str | None) -> str | list[str] | None:
+    """The card's ``base_model``: the prior's Hub id and the pretrained VLM's (local folders name nothing)."""
+    found = [m for m in (prior, vlm) if m and not os.path.isdir(m)]
+    return found[0] if len(found) == 1 else found or None
+
+
 def _preset_name(config: dict) -> str:
     from .configuration_actprior_vla import VLA_PRESETS
 
@@ -193,7 +199,8 @@ def build_model_card(folder: str, repo_id: str, results: dict | None = None, dat
         tags=["robotics", "vision-language-action", "action-prior", "flow-matching", "actprior", vlm_type,
               *[e for e in embodiments if e != "(none)"]],
         datasets=[dataset_repo_id] if dataset_repo_id else None,
-        base_model=base_model or None,
+        # The prior and, when Stage 2 started from one, the pretrained VLM (a Hub id; a local folder names nothing).
+        base_model=_base_models(base_model, config.get("base_vlm")),
         model_name=repo_id.split("/")[-1] if results else None,
         eval_results=eval_results_for_card(results) if results else None,
     )
@@ -208,7 +215,8 @@ def build_model_card(folder: str, repo_id: str, results: dict | None = None, dat
         found = re.search(r"```bash\n(accelerate launch [^\n]*)\n```", open(old_card).read())
         command = found.group(1) if found else None
     kwargs: dict[str, Any] = dict(
-        embodiments=embodiments, vlm_type=vlm_type, preset=_preset_name(config), baseline=_baseline_name(config),
+        embodiments=embodiments, vlm_type=vlm_type, baseline=_baseline_name(config),
+        preset=f"pretrained VLM `{config['base_vlm']}`" if config.get("base_vlm") else _preset_name(config),
         prior=base_model or "a Stage-1 ActionPriorModel",
         switches_table=markdown_table([{"switch": k, "value": v} for k, v in switches.items()], ["switch", "value"]),
         corpus_table=markdown_table(corpus["datasets"], ["embodiment", "episodes", "frames", "train_episodes",
