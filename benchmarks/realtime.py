@@ -46,22 +46,28 @@ VARIANT = "decoder+kd+slowhead"
 SHORTCUT_OPTIONS = ("--shortcut_max_steps", "16", "--num_inference_steps", "2")
 STEP_COUNTS = (1, 2, 4, 10)
 DELAYS = (0, 2, 4, 8)
+#: Guidance caps (beta) tried besides the paper's 5, at the delays where RTC costs success.
+BETA_SWEEP = ((4, (0.5, 1.0, 2.0)), (8, (0.5, 1.0, 2.0)))
 HELDOUT_EPISODES = 3  # per task, from another generator seed than the demonstrations
 
 
 def settings(prior: str) -> list[dict]:
     """The closed-loop settings rolled out for each run of ``prior``: ``{"name", "solver", "steps", "delay", "rtc"}``."""
-    rows = [{"name": "euler10", "solver": "euler", "steps": 10, "delay": 0, "rtc": False}]
+    rows = [{"name": "euler10", "solver": "euler", "steps": 10, "delay": 0, "rtc": False, "beta": None}]
     if prior == "shortcut":
-        rows += [{"name": f"shortcut{n}", "solver": "shortcut", "steps": n, "delay": 0, "rtc": False} for n in STEP_COUNTS]
+        rows += [{"name": f"shortcut{n}", "solver": "shortcut", "steps": n, "delay": 0, "rtc": False, "beta": None}
+                 for n in STEP_COUNTS]
         for d in DELAYS:
             for rtc in (False, True):
                 if d or rtc:  # delay 0 without RTC is euler10 itself
                     rows.append({"name": f"delay{d}_{'rtc' if rtc else 'naive'}", "solver": "euler", "steps": 10,
-                                 "delay": d, "rtc": rtc})
+                                 "delay": d, "rtc": rtc, "beta": None})
+        for d, betas in BETA_SWEEP:
+            rows += [{"name": f"delay{d}_rtc_beta{b:g}", "solver": "euler", "steps": 10, "delay": d, "rtc": True,
+                      "beta": b} for b in betas]
     else:
-        rows += [{"name": f"euler{n}", "solver": "euler", "steps": n, "delay": 0, "rtc": False} for n in STEP_COUNTS
-                 if n != 10]
+        rows += [{"name": f"euler{n}", "solver": "euler", "steps": n, "delay": 0, "rtc": False, "beta": None}
+                 for n in STEP_COUNTS if n != 10]
     return rows
 
 
@@ -134,7 +140,7 @@ def evaluate_run(run: str, prior: str, budget, heldout: str, out: str) -> dict:
             evaluate(f"{run}:{row['name']}", sim="metaworld", tasks=budget.tasks, episodes=budget.eval_episodes,
                      out=path, seed=budget.eval_seed, max_steps=budget.eval_max_steps, image_size=budget.image_size,
                      progress=False, robot_pipeline=robot, num_inference_steps=row["steps"],
-                     inference_delay=row["delay"], rtc=row["rtc"])
+                     inference_delay=row["delay"], rtc=row["rtc"], max_guidance_weight=row["beta"])
             logging.info("%s %s: %.0f s", run, row["name"], time.perf_counter() - t0)
         with open(path) as f:
             res = json.load(f)
@@ -167,7 +173,8 @@ def summarize(results: dict) -> dict:
             row = rows[0]
             k, n = sum(r["successes"] for r in rows), sum(r["episodes"] for r in rows)
             entry = {"prior": prior, "setting": name, "solver": row["solver"], "steps": row["steps"],
-                     "delay": row["delay"], "rtc": row["rtc"], "successes": k, "episodes": n, "success_rate": k / n,
+                     "delay": row["delay"], "rtc": row["rtc"], "beta": row.get("beta"), "successes": k,
+                     "episodes": n, "success_rate": k / n,
                      "vs_euler10": paired_difference(_pairs(runs, name), ref) if name != "euler10" else None}
             jumps = [(r["boundary_jump"], r["within_step"]) for r in rows if r["boundary_jump"] is not None]
             entry["boundary_jump"] = float(np.mean([j for j, _ in jumps])) if jumps else None
@@ -202,21 +209,23 @@ def markdown(summary: dict, command: str, minutes: float, machine: str) -> str:
              "closed-loop episodes per setting (2 training seeds x 3 tasks x the same evaluation scenes); intervals "
              "are paired bootstrap 95% over (seed, task, scene) against 10-step Euler of the same model.", "",
              "**Few-step generation** (offline: chunk MSE to the truth on held-out demonstrations, normalized units)", "",
-             "| prior | sampler | steps | offline MSE | vs 10-step | success | vs 10-step Euler (paired) |",
-             "|---|---|---|---|---|---|---|"]
+             "| prior | sampler | steps | offline MSE | vs 10-step | MSE to the 10-step chunk | success "
+             "| vs 10-step Euler (paired) |",
+             "|---|---|---|---|---|---|---|---|"]
     for e in summary["few_step"]:
         lines.append(f"| {e['prior']} | {e['solver']} | {e['steps']} | {e['offline_mse']:.4f} | "
-                     f"{e['offline_vs_euler10']:+.1%} | {e['success_rate']:.2f} ({e['successes']}/{e['episodes']}) | "
-                     f"{_ci(e['vs_euler10']) or 'reference'} |")
+                     f"{e['offline_vs_euler10']:+.1%} | {e['offline_mse_to_euler10']:.4f} | {e['success_rate']:.2f} "
+                     f"({e['successes']}/{e['episodes']}) | {_ci(e['vs_euler10']) or 'reference'} |")
     lines += ["", "**Real-time chunking** (shortcut prior, 10-step Euler, 8 actions executed per chunk; action change: "
               "mean squared change between consecutive executed actions, raw units)", "",
               "| delay (steps) | switching | success | vs delay 0 (paired) | change at chunk switch | within a chunk |",
               "|---|---|---|---|---|---|"]
-    for e in sorted(summary["rtc"], key=lambda e: (e["delay"], e["rtc"])):
-        lines.append(f"| {e['delay']} | {'RTC' if e['rtc'] else 'naive'} | {e['success_rate']:.2f} "
+    for e in sorted(summary["rtc"], key=lambda e: (e["delay"], e["rtc"], -(e["beta"] or 5.0))):
+        how = "naive" if not e["rtc"] else "RTC" if e["beta"] is None else f"RTC, β = {e['beta']:g}"
+        lines.append(f"| {e['delay']} | {how} | {e['success_rate']:.2f} "
                      f"({e['successes']}/{e['episodes']}) | {_ci(e['vs_euler10']) or 'reference'} | "
                      f"{e['boundary_jump']:.4f} | {e['within_step']:.4f} |")
-    lines += ["", "RTC minus naive switching, paired: " + "; ".join(
+    lines += ["", "RTC (β = 5) minus naive switching, paired: " + "; ".join(
         f"delay {d}: {_ci(v)}" for d, v in summary["rtc_vs_naive"].items() if v)]
     return "\n".join(lines)
 
@@ -244,7 +253,7 @@ def plot(summary: dict, path: str) -> str:
     a.set_ylim(0, 1)
     a.legend(fontsize=8)
     for rtc, color in ((False, "tab:red"), (True, "tab:green")):
-        rows = sorted([e for e in summary["rtc"] if e["rtc"] == rtc], key=lambda e: e["delay"])
+        rows = sorted([e for e in summary["rtc"] if e["rtc"] == rtc and e["beta"] is None], key=lambda e: e["delay"])
         b.plot([e["delay"] for e in rows], [e["boundary_jump"] for e in rows], marker="o", color=color,
                label="RTC" if rtc else "naive switching")
     b.set_xlabel("inference delay (control steps)")
@@ -322,8 +331,16 @@ def main(argv=None) -> int:
                        for seed in seeds} for prior in budgets}
     summary = summarize(results)
     summary["episodes_per_setting"] = len(seeds) * len(base.tasks) * args.episodes
-    summary["wall_s"] = time.time() - t0
-    summary["train_s"] = train_s
+    # Minutes of work over every invocation that did some (a rerun that only reads finished results adds nothing).
+    timings_path = os.path.join(out, "timings.json")
+    timings = json.load(open(timings_path)) if os.path.isfile(timings_path) else {"train_s": 0.0, "eval_s": 0.0}
+    if train_s > 60:
+        timings["train_s"] += train_s
+    if time.time() - t0 - train_s > 60:
+        timings["eval_s"] += time.time() - t0 - train_s
+    write_json(timings_path, timings)
+    summary["timings"] = timings
+    summary["wall_s"] = timings["train_s"] + timings["eval_s"]
     import platform
 
     summary["machine"] = {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()}

@@ -221,9 +221,8 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         prior_config = ActionPriorConfig(**prior_fields)
         lora_r = None
         if vlm is not None:
-            from .pretrained_vlm import load_vlm_config
-
             from .configuration_actprior_vla import baseline_switches
+            from .pretrained_vlm import load_vlm_config
 
             fields = {**baseline_switches(baseline), **config_overrides}
             lora_r = int(fields.pop("lora_r", 0))  # the adapters wrap the pretrained weights, loaded first
