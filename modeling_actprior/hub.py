@@ -271,16 +271,36 @@ def stage_model_folder(model_dir: str, out_dir: str, repo_id: str, results_path:
         if results.get("chart") and os.path.isfile(os.path.join(base, results["chart"])):
             chart = f"{EVAL_FOLDER}/success.png"
             shutil.copyfile(os.path.join(base, results["chart"]), os.path.join(out_dir, chart))
-        videos = [v for v in results.get("videos", []) if v.endswith(".gif") and os.path.isfile(v)]
+        videos = [v for v in results.get("videos", []) if v.endswith((".gif", ".mp4")) and os.path.isfile(v)]
+        shared = []
         if videos:
             gif = f"{EVAL_FOLDER}/rollout.gif"
-            shutil.copyfile(videos[0], os.path.join(out_dir, gif))
-        public = {**results, "model": repo_id, "chart": chart, "videos": [gif] if gif else []}
+            if videos[0].endswith(".mp4"):  # the MP4 ships as is; the card shows a GIF of it (markdown plays no MP4)
+                shared.append(f"{EVAL_FOLDER}/rollout.mp4")
+                shutil.copyfile(videos[0], os.path.join(out_dir, shared[0]))
+                _mp4_to_gif(videos[0], os.path.join(out_dir, gif))
+            else:
+                shutil.copyfile(videos[0], os.path.join(out_dir, gif))
+            shared.append(gif)
+        public = {**results, "model": repo_id, "chart": chart, "videos": shared}
         with open(os.path.join(out_dir, EVAL_FOLDER, "results.json"), "w") as f:
             f.write(json.dumps(public, indent=2) + "\n")
     card = build_model_card(model_dir, repo_id, results, dataset_repo_id, base_model, chart, gif, license)
     card.save(os.path.join(out_dir, "README.md"))
     return out_dir
+
+
+def _mp4_to_gif(mp4: str, gif: str, max_frames: int = 300) -> str:
+    """A GIF of an evaluation MP4 (its first ``max_frames`` frames), for the model card."""
+    from PIL import Image
+
+    from .data.video import decode_span, probe_video
+
+    probe = probe_video(mp4)
+    _, frames = decode_span(mp4, 0.0, min(probe.duration_s, max_frames / probe.fps))
+    images = [Image.fromarray(f) for f in frames[:max_frames]]
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=max(20, int(1000 / probe.fps)), loop=0)
+    return gif
 
 
 # ------------------------------------------------------------------------------------------ dataset card

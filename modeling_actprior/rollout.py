@@ -13,7 +13,7 @@ evaluation scenes are not the training scenes (``evaluation_seeds`` checks a run
 
 Results (JSON): per task the success rate with a 95% Wilson score interval, the mean steps to success, and each
 episode's seed, success and length; the same overall. A PNG bar chart (success per task with interval whiskers) and,
-with ``video_dir``, GIF (or MP4, where imageio's ffmpeg plugin is installed) rollout videos are written beside it.
+with ``video_dir``, MP4 rollout videos (H.264 through PyAV; ``video_format="gif"`` for GIFs) are written beside it.
 """
 
 from __future__ import annotations
@@ -233,22 +233,19 @@ def run_episode(robot_pipeline, sim_task, seed: int, execute_steps: int, max_ste
 
 
 def write_video(frames: Sequence[np.ndarray], path: str, fps: float) -> str:
-    """Write ``frames`` ``(H, W, 3)`` uint8 to ``path`` (``.gif``, or ``.mp4`` with imageio's ffmpeg plugin).
-
-    An MP4 request without ffmpeg writes a GIF next to it instead; returns the path written.
-    """
+    """Write ``frames`` ``(H, W, 3)`` uint8 to ``path``: ``.mp4`` (H.264 through PyAV, which plays everywhere) or
+    ``.gif``. Should the MP4 encoder fail (a PyAV build without x264), a GIF is written next to it; returns the path
+    written."""
     from PIL import Image
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".mp4"):
-        try:
-            import imageio.v2 as imageio
-            import imageio_ffmpeg  # noqa: F401
+        from modeling_actprior.data.video import write_mp4
 
-            imageio.mimwrite(path, list(frames), fps=fps, macro_block_size=1)
-            return path
-        except ImportError:
-            logger.warning("MP4 needs imageio with imageio-ffmpeg (pip install imageio[ffmpeg]); writing a GIF.")
+        try:
+            return write_mp4(frames, path, fps, codec="h264")
+        except (ImportError, ValueError, OSError) as e:
+            logger.warning("MP4 could not be written (%s: %s); writing a GIF.", type(e).__name__, e)
             path = path[:-4] + ".gif"
     images = [Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in frames]
     images[0].save(path, save_all=True, append_images=images[1:], duration=max(20, int(1000 / fps)), loop=0)
@@ -282,7 +279,7 @@ def plot_success(summary: dict, path: str) -> str:
 
 def evaluate(model: str, sim: str = "metaworld", tasks: Sequence[str] | None = None, episodes: int = 10,
              out: str = "results.json", video_dir: str | None = None, video_episodes: int = 1,
-             video_format: str = "gif", seed: int = 0, execute_steps: int = DEFAULT_EXECUTE_STEPS,
+             video_format: str = "mp4", seed: int = 0, execute_steps: int = DEFAULT_EXECUTE_STEPS,
              max_steps: int | None = None, image_size: int = DEFAULT_IMAGE_SIZE, embodiment: str | None = None,
              robot: str | None = None, num_inference_steps: int | None = None, device: str | None = None,
              progress: bool = True, robot_pipeline=None, inference_delay: int = 0, rtc: bool = False,
@@ -434,7 +431,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--out", default="results.json", help="results JSON (the chart PNG is written beside it)")
     parser.add_argument("--video-dir", default=None, help="write rollout videos here")
     parser.add_argument("--video-episodes", type=int_at_least(0), default=1, help="episodes per task recorded with --video-dir")
-    parser.add_argument("--video-format", default="gif", choices=("gif", "mp4"))
+    parser.add_argument("--video-format", default="mp4", choices=("mp4", "gif"),
+                        help="rollout videos as MP4 (H.264, default) or GIF")
     parser.add_argument("--seed", type=int_at_least(0, MAX_SEED), default=0, help="base of the evaluation seeds")
     parser.add_argument("--execute-steps", type=int_at_least(1), default=DEFAULT_EXECUTE_STEPS,
                         help="actions executed from each chunk before re-planning")

@@ -68,7 +68,8 @@ def test_evaluate_metaworld_writes_results_chart_and_gif(tiny_vla_dir, tmp_path)
     out = tmp_path / "eval" / "results.json"
     rc = cli_main(["evaluate", "--model", str(tiny_vla_dir), "--sim", "metaworld", "--tasks", "reach-v3",
                    "--episodes", "2", "--max-steps", "12", "--execute-steps", "4", "--out", str(out),
-                   "--video-dir", str(tmp_path / "videos"), "--num-inference-steps", "2", "--no-progress"])
+                   "--video-dir", str(tmp_path / "videos"), "--video-format", "gif", "--num-inference-steps", "2",
+                   "--no-progress"])
     assert rc == 0
     res = json.loads(out.read_text())
     task = res["tasks"][0]

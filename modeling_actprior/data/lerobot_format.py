@@ -260,13 +260,17 @@ class LeRobotDatasetWriter:
         spec: the embodiment whose actions are stored; ``robot_type`` is ``spec.name``.
         fps: recording rate (``timestamp = frame_index / fps``).
         state_names: names of the ``observation.state`` dimensions (default ``state_0``...).
-        camera_names: cameras stored as ``observation.images.<cam>`` (PNG in parquet).
+        camera_names: cameras stored as ``observation.images.<cam>`` (PNG in parquet, or MP4 with ``video_codec``).
         image_size: if given, every frame must be ``(image_size, image_size, 3)``.
         provenance: free-form JSON stored as ``info.json["actprior"]["generator"]``.
         overwrite: replace an existing dataset at ``root`` (only at the final rename).
         chunks_size: files per chunk folder (LeRobot's ``chunks_size``).
         data_files_size_in_mb: a data file is closed and a new one started beyond this size.
         png_compress_level: zlib level for PNG frames (1 is fast, 9 is small).
+        video_codec: ``"av1"`` (LeRobot's default) or ``"h264"``: store the cameras as MP4 files under ``videos/``
+            the way LeRobot records them (episodes concatenated per file, located by ``from_timestamp``); None
+            keeps PNG frames in the parquet files.
+        video_files_size_in_mb: a video file is closed and a new one started beyond this size.
 
     Use as a context manager: the dataset is finalized when the block ends normally and nothing is left
     behind when it raises::
@@ -289,6 +293,8 @@ class LeRobotDatasetWriter:
         chunks_size: int = DEFAULT_CHUNKS_SIZE,
         data_files_size_in_mb: float = DEFAULT_DATA_FILE_SIZE_IN_MB,
         png_compress_level: int = 1,
+        video_codec: str | None = None,
+        video_files_size_in_mb: float = DEFAULT_VIDEO_FILE_SIZE_IN_MB,
     ):
         if not isinstance(spec, EmbodimentSpec):
             raise TypeError(f"spec must be an EmbodimentSpec; got {type(spec).__name__}.")
@@ -310,8 +316,15 @@ class LeRobotDatasetWriter:
         self.chunks_size = int(chunks_size)
         self.data_files_size_bytes = float(data_files_size_in_mb) * 1024 * 1024
         self.png_compress_level = int(png_compress_level)
-        if self.chunks_size <= 0 or self.data_files_size_bytes <= 0:
-            raise ValueError("chunks_size and data_files_size_in_mb must be positive.")
+        from .video import VIDEO_CODECS
+
+        if video_codec is not None and video_codec not in VIDEO_CODECS:
+            raise ValueError(f"video_codec must be one of {sorted(VIDEO_CODECS)} or None (PNG frames); got "
+                             f"{video_codec!r}.")
+        self.video_codec = video_codec
+        self.video_files_size_bytes = float(video_files_size_in_mb) * 1024 * 1024
+        if self.chunks_size <= 0 or self.data_files_size_bytes <= 0 or self.video_files_size_bytes <= 0:
+            raise ValueError("chunks_size, data_files_size_in_mb and video_files_size_in_mb must be positive.")
         undo_interrupted_writes(self.root)
         if os.path.exists(self.root) and not self.overwrite:
             raise FileExistsError(f"{self.root} already exists; pass overwrite=True to replace it.")
@@ -333,6 +346,8 @@ class LeRobotDatasetWriter:
         self._num_frames = 0
         self._chunk, self._file = 0, 0
         self._sink: pa.NativeFile | None = None
+        self._videos: dict[str, Any] = {}  # camera -> open VideoEncoder
+        self._video_file: dict[str, tuple[int, int]] = {cam: (0, 0) for cam in self.camera_names}
         self._pq_writer: pq.ParquetWriter | None = None
         self._schema: pa.Schema | None = None
         self._features: dict[str, dict] | None = None
@@ -430,6 +445,10 @@ class LeRobotDatasetWriter:
             h, w = self._image_shapes[cam]
             feats[IMAGE_KEY_PREFIX + cam] = {"dtype": "image", "shape": [h, w, 3],
                                              "names": ["height", "width", "channels"]}
+            if self.video_codec:
+                from .video import feature_info
+
+                feats[IMAGE_KEY_PREFIX + cam].update(dtype="video", info=feature_info(w, h, self.fps, self.video_codec))
         for key, ft in DEFAULT_FEATURES.items():
             feats[key] = dict(ft)
         return feats
@@ -471,7 +490,7 @@ class LeRobotDatasetWriter:
             cols[STATE_KEY] = _vector_column(states)
         from PIL import Image
 
-        for cam in self.camera_names:
+        for cam in (() if self.video_codec else self.camera_names):
             encoded = []
             for frame in images[cam]:
                 buf = io.BytesIO()
@@ -515,6 +534,8 @@ class LeRobotDatasetWriter:
         for feat, st in stats.items():
             for key in STAT_KEYS:
                 row[f"stats/{feat}/{key}"] = st[key]
+        for cam in (self.camera_names if self.video_codec else ()):
+            row.update(self._add_video(cam, images[cam]))
         row["meta/episodes/chunk_index"] = 0
         row["meta/episodes/file_index"] = 0
         self._episodes.append(row)
@@ -530,6 +551,32 @@ class LeRobotDatasetWriter:
             if self._file >= self.chunks_size:
                 self._chunk, self._file = self._chunk + 1, 0
         return ep_idx
+
+    def _add_video(self, cam: str, frames: np.ndarray) -> dict:
+        """Append an episode's frames to the camera's current MP4 file; its ``videos/...`` metadata columns."""
+        from .video import VideoEncoder
+
+        key = IMAGE_KEY_PREFIX + cam
+        chunk, file = self._video_file[cam]
+        enc = self._videos.get(cam)
+        if enc is None:
+            rel = VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
+            h, w = self._image_shapes[cam]
+            enc = self._videos[cam] = VideoEncoder(os.path.join(self.tmp_root, rel), self.fps, w, h, self.video_codec)
+        start = enc.frames_written / self.fps
+        enc.add(frames)
+        cols = {f"videos/{key}/chunk_index": chunk, f"videos/{key}/file_index": file,
+                f"videos/{key}/from_timestamp": start, f"videos/{key}/to_timestamp": enc.frames_written / self.fps}
+        if enc.size_bytes() >= self.video_files_size_bytes:  # roll over to the next video file
+            enc.close()
+            del self._videos[cam]
+            file += 1
+            self._video_file[cam] = (chunk + 1, 0) if file >= self.chunks_size else (chunk, file)
+        return cols
+
+    def _close_videos(self) -> None:
+        for cam in list(self._videos):
+            self._videos.pop(cam).close()
 
     def _global_stats(self) -> dict[str, dict]:
         n = self._num_frames
@@ -558,11 +605,11 @@ class LeRobotDatasetWriter:
             "total_tasks": len(self._tasks),
             "chunks_size": self.chunks_size,
             "data_files_size_in_mb": _fps_value(self.data_files_size_bytes / (1024 * 1024)),
-            "video_files_size_in_mb": DEFAULT_VIDEO_FILE_SIZE_IN_MB,
+            "video_files_size_in_mb": _fps_value(self.video_files_size_bytes / (1024 * 1024)),
             "fps": _fps_value(self.fps),
             "splits": {"train": f"0:{e}"},
             "data_path": DATA_PATH,
-            "video_path": None,
+            "video_path": VIDEO_PATH if self.video_codec and self.camera_names else None,
             "features": self._features,
             ACTPRIOR_KEY: {
                 "embodiment": self.spec.to_dict(),
@@ -579,6 +626,7 @@ class LeRobotDatasetWriter:
             if not self._episodes:
                 raise ValueError(f"No episodes were added to {self.root}; nothing to write.")
             self._close_data_file()
+            self._close_videos()
             tmp = self.tmp_root
             import pandas as pd
 
@@ -625,6 +673,12 @@ class LeRobotDatasetWriter:
             self._close_data_file()
         except (OSError, pa.ArrowException) as e:  # pragma: no cover - closing a broken writer
             logger.debug("Closing the data file of an aborted writer failed: %s", e)
+        for enc in self._videos.values():
+            try:
+                enc.close()
+            except Exception as e:  # noqa: BLE001 - an aborted writer drops the file anyway
+                logger.debug("Closing a video file of an aborted writer failed: %s", e)
+        self._videos = {}
         shutil.rmtree(self.tmp_root, ignore_errors=True)
         self._closed = True
 
@@ -1047,6 +1101,20 @@ class LeRobotDatasetMeta:
                               chunk_index=int(self.episodes["data/chunk_index"][episode_index]),
                               file_index=int(self.episodes["data/file_index"][episode_index]))
 
+    def video_location(self, key: str, episode_index: int) -> tuple[str, float, float]:
+        """``(file, from_timestamp, to_timestamp)`` of video feature ``key`` for ``episode_index``."""
+        cols = [f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")]
+        missing = [c for c in cols if c not in self.episodes]
+        if missing or not self.info.get("video_path"):
+            raise DatasetFormatError(
+                f"{self.root}: {key!r} is stored as video but "
+                + (f"the episode metadata lacks {missing}" if missing else "meta/info.json has no video_path")
+                + "; a LeRobot v3 dataset locates each episode's frames by them. Re-export the dataset with LeRobot.")
+        chunk, file, start, end = (self.episodes[c][episode_index] for c in cols)
+        path = _safe_template(self.root, self.info["video_path"], "video_path", self.info_path,
+                              video_key=key, chunk_index=int(chunk), file_index=int(file))
+        return path, float(start), float(end)
+
     def data_files(self) -> list[str]:
         """The data files in (chunk, file) order, i.e. in global frame order."""
         pairs = sorted(set(zip((int(c) for c in self.episodes["data/chunk_index"]),
@@ -1152,9 +1220,13 @@ class TrajectoryDataset:
     are read through ``column(name)`` (zero-copy views of the memory-mapped Arrow table).
     """
 
-    def __init__(self, meta: LeRobotDatasetMeta, hf_dataset):
+    def __init__(self, meta: LeRobotDatasetMeta, hf_dataset, tolerance_s: float | None = None):
+        from .video import DEFAULT_TOLERANCE_S
+
         self.meta = meta
         self.hf_dataset = hf_dataset
+        # How far a video frame may sit from the time the data gives it (LeRobot's tolerance_s).
+        self.tolerance_s = float(DEFAULT_TOLERANCE_S if tolerance_s is None else tolerance_s)
         self._columns: dict[str, ColumnView] = {}
 
     def __getstate__(self):
@@ -1240,7 +1312,7 @@ class TrajectoryDataset:
         from PIL import Image
 
         if self.meta.features.get(key, {}).get("dtype") == "video":
-            raise NotImplementedError(f"{self.root}: {key!r} is stored as video; decoding videos is not supported.")
+            return self._video_frame(key, row)
         v = self.column(key).value(row)
         if isinstance(v, dict):
             data, path = v.get("bytes"), v.get("path")
@@ -1271,13 +1343,30 @@ class TrajectoryDataset:
                 f"{expected[0]}x{expected[1]} for {key}. Resize the frames or fix the feature's shape.")
         return frame
 
+    def validate_videos(self, keys: Sequence[str] | None = None) -> None:
+        """Check the video features ``keys`` (default all) up front: each file an episode points to exists, opens,
+        decodes, has the declared frame size and covers the episode's frame times; a ``VideoError`` or
+        ``DatasetFormatError`` names the file and episode otherwise."""
+        _validate_videos(self, self.meta.video_keys if keys is None else list(keys))
+
+    def _video_frame(self, key: str, row: int) -> np.ndarray:
+        """Frame ``row`` of video feature ``key``: the episode's span decoded once (``video.frame_cache``), the frame
+        nearest to ``from_timestamp + timestamp`` within ``tolerance_s``."""
+        from .video import frame_cache
+
+        e = int(np.searchsorted(self.episode_to, row, side="right"))
+        path, start, end = self.meta.video_location(key, e)
+        t = start + float(self.column("timestamp").value(row))
+        where = f"{key}, episode {e}, frame {row - int(self.episode_from[e])}"
+        return frame_cache().frame(path, start, end, t, self.tolerance_s, where)
+
     def episode(self, episode_index: int, images: bool = False) -> Episode:
-        """Episode ``episode_index`` read back (images decoded only if ``images``)."""
+        """Episode ``episode_index`` read back (camera frames decoded only if ``images``)."""
         lo, hi = self._range(episode_index)
         imgs = None
-        if images and self.meta.image_keys:
+        if images and self.meta.camera_keys:
             imgs = {k.removeprefix(IMAGE_KEY_PREFIX):
-                    np.stack([self.image(k, r) for r in range(lo, hi)]) for k in self.meta.image_keys}
+                    np.stack([self.image(k, r) for r in range(lo, hi)]) for k in self.meta.camera_keys}
         success = self.meta.success
         return Episode(actions=self.actions(episode_index), states=self.states(episode_index),
                        task=self.task(episode_index), images=imgs,
@@ -1392,6 +1481,35 @@ def _validate_data(ds: TrajectoryDataset) -> None:
                 f"{to[e] - 1}) but that file holds global rows {starts[i]}..{starts[i + 1] - 1}.")
 
 
+def _validate_videos(ds: TrajectoryDataset, keys: Sequence[str]) -> None:
+    """Every video file the episodes point to opens and decodes, has the declared frame size, and covers the times
+    the data give its episodes' frames (within the tolerance)."""
+    meta = ds.meta
+    if not keys:
+        return
+    from .video import probe_video
+
+    ts = ds.column("timestamp")
+    for key in keys:
+        expected = _image_hw(meta.features[key])
+        for e in range(meta.num_episodes):
+            path, start, end = meta.video_location(key, e)
+            where = f"{key}, episode {e}"
+            probe = probe_video(path, where)
+            if expected is not None and (probe.height, probe.width) != expected:
+                raise DatasetFormatError(f"{path} ({where}) is {probe.height}x{probe.width} pixels but meta/info.json "
+                                         f"declares {expected[0]}x{expected[1]} for {key}.")
+            lo, hi = int(meta.episode_from[e]), int(meta.episode_to[e])
+            first, last = start + float(ts.value(lo)), start + float(ts.value(hi - 1))
+            latest = probe.duration_s - 1.0 / probe.fps + ds.tolerance_s
+            if start < -ds.tolerance_s or last > latest:
+                raise DatasetFormatError(
+                    f"{path} ({where}): the episode's frames run from {first:.4f} s to {last:.4f} s in this file "
+                    f"(from_timestamp {start:.4f} + frame timestamps) but its last frame is at "
+                    f"{probe.duration_s - 1.0 / probe.fps:.4f} s: the file is truncated or the metadata points past "
+                    "it. Copy the video again or re-export the dataset.")
+
+
 def content_fingerprint(files: Sequence[str], block: int = 1 << 20) -> str:
     """A 16-hex-digit BLAKE2 digest of the files' sizes and bytes (about 1 GB/s): what the Arrow cache is keyed by."""
     import hashlib
@@ -1406,12 +1524,14 @@ def content_fingerprint(files: Sequence[str], block: int = 1 << 20) -> str:
 
 
 def load_lerobot_dataset(root: PathLike, validate: bool = True, cache_dir: str | None = None,
-                         keep_in_memory: bool = False) -> TrajectoryDataset:
+                         keep_in_memory: bool = False, tolerance_s: float | None = None) -> TrajectoryDataset:
     """Load a LeRobot v3.0 folder as a ``TrajectoryDataset``.
 
     The data files are read with ``datasets.load_dataset("parquet", ...)`` (memory-mapped Arrow cache in
     ``cache_dir``, the Hugging Face cache by default). With ``validate`` the data are checked against the
-    metadata: episode ranges, frame_index without gaps, finite actions and states.
+    metadata: episode ranges, frame_index without gaps, finite actions and states. Video cameras are checked by
+    ``TrajectoryDataset.validate_videos`` (Stage-2 windows call it for the cameras they read; actions-only use needs no
+    video). ``tolerance_s``: how far a video frame may sit from its timestamp (LeRobot's default 1e-4 s).
     """
     import datasets
 
@@ -1430,7 +1550,7 @@ def load_lerobot_dataset(root: PathLike, validate: bool = True, cache_dir: str |
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
-    ds = TrajectoryDataset(meta, hf)
+    ds = TrajectoryDataset(meta, hf, tolerance_s)
     if validate:
         _validate_data(ds)
         if not all(k in meta.stats[ACTION_KEY] for k in ("q01", "q99")):

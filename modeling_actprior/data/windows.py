@@ -272,7 +272,7 @@ class VLAWindowDataset(ActionWindowDataset):
     ``observation.images.`` prefix), ``"instruction"``: the frame's task string.
 
     Args:
-        cameras: camera names (or full feature keys) to decode; default all image features.
+        cameras: camera names (or full feature keys) to decode; default all cameras (image or video features).
         (the rest as ``ActionWindowDataset``)
     """
 
@@ -291,6 +291,9 @@ class VLAWindowDataset(ActionWindowDataset):
                     raise KeyError(f"{dataset.root}: no camera {cam!r}; cameras: {keys}.")
                 chosen.append(key)
         self.camera_keys = list(chosen)
+        # Video cameras: every file these windows will read opens, decodes and covers its episodes, now, before
+        # training starts (not at the first batch that reaches a bad file).
+        dataset.validate_videos([k for k in self.camera_keys if k in dataset.meta.video_keys])
 
     @staticmethod
     def camera_name(key: str) -> str:

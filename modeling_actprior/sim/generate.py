@@ -96,6 +96,7 @@ def generate(
     progress: bool = True,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     action_noise: float = 0.0,
+    video: str | None = None,
 ) -> list[str]:
     """Generate expert demonstrations in ``sim`` and write them as LeRobot v3 dataset(s).
 
@@ -119,6 +120,8 @@ def generate(
             state the perturbation led to. Training histories then look like the imperfect ones a policy sees in
             closed loop, and the labels show how to recover. Meta-World and robosuite (whose experts react to the
             state); 0 (default) records the expert as is. Recorded in the provenance (``action_noise``).
+        video: store the camera as MP4 the way ``lerobot-record`` does (``"av1"``, LeRobot's default, or ``"h264"``;
+            ``videos/observation.images.front/chunk-XXX/file-XXX.mp4``) instead of PNG frames in the parquet files.
 
     Returns:
         The dataset roots, one per robot, in the order of ``robots`` (those kept from an earlier run included).
@@ -137,6 +140,8 @@ def generate(
     if action_noise and sim == "pybullet":
         raise ValueError("action_noise is not supported for pybullet: its IK expert follows a fixed waypoint plan and "
                          "cannot correct a perturbation. Use --sim metaworld or robosuite.")
+    if video is not None and image_size is None:
+        raise ValueError("video needs a camera: pass image_size (--image-size) too.")
     _check_installed(sim)
     from modeling_actprior.data.lerobot_format import LeRobotDatasetWriter, check_replaceable, undo_interrupted_writes
 
@@ -155,7 +160,7 @@ def generate(
         # deterministic, so they are what it would write again) and does the rest.
         existing = [r for r in robots if os.path.exists(roots[r])]
         request = dict(sim=sim, tasks=list(tasks), episodes_per_task=int(episodes), seed=int(seed),
-                       image_size=image_size, max_attempts=int(max_attempts), action_noise=action_noise)
+                       image_size=image_size, max_attempts=int(max_attempts), action_noise=action_noise, video=video)
         done = {r for r in existing if _written_by(roots[r], dict(request, robot=r))}
         other = [roots[r] for r in existing if r not in done]
         if other:
@@ -181,7 +186,7 @@ def generate(
         os.makedirs(out, exist_ok=True)
         write_json(marker, {"generator": "modeling_actprior.sim.generate", "sim": sim, "robots": list(robots),
                             "complete": sorted(done), "command": _command(sim, out, episodes, tasks, robots, seed,
-                                                                          image_size, action_noise)})
+                                                                          image_size, action_noise, video)})
 
     pool = None
     if int(workers) > 1:
@@ -209,15 +214,15 @@ def generate(
                     "generator": "modeling_actprior.sim.generate",
                     "sim": sim, "robot": current, "tasks": list(tasks), "episodes_per_task": int(episodes),
                     "seed": int(seed), "image_size": image_size, "max_attempts": int(max_attempts),
-                    "action_noise": action_noise,
+                    "action_noise": action_noise, "video": video,
                     "instructions": {t: mod.INSTRUCTIONS[t] for t in tasks},
                     "versions": _versions(sim), "python": platform.python_version(),
-                    "command": _command(sim, out, episodes, tasks, robots, seed, image_size, action_noise),
+                    "command": _command(sim, out, episodes, tasks, robots, seed, image_size, action_noise, video),
                 }
                 writer = LeRobotDatasetWriter(
                     roots[current], spec, fps=spec.fps, state_names=mod.state_names(current),
                     camera_names=(CAMERA_NAME,) if image_size else (), image_size=image_size,
-                    provenance=provenance, overwrite=overwrite)
+                    provenance=provenance, overwrite=overwrite, video_codec=video)
             stats["attempts"] += res.attempts
             stats["steps"] += res.steps
             if res.episode is not None:
@@ -248,11 +253,12 @@ def generate(
     return [roots[r] for r in robots]
 
 
-def _command(sim, out, episodes, tasks, robots, seed, image_size, action_noise) -> str:
+def _command(sim, out, episodes, tasks, robots, seed, image_size, action_noise, video=None) -> str:
     """The ``actprior generate`` command line of a request."""
     return (f"actprior generate --sim {sim} --out {out} --episodes {episodes} --tasks {','.join(tasks)} "
             f"--robots {','.join(robots)} --seed {seed}" + (f" --image-size {image_size}" if image_size else "")
-            + (f" --action-noise {action_noise:g}" if action_noise else ""))
+            + (f" --action-noise {action_noise:g}" if action_noise else "")
+            + (f" --video {video}" if video else ""))
 
 
 def _written_by(root: str, request: dict) -> bool:
@@ -266,7 +272,7 @@ def _written_by(root: str, request: dict) -> bool:
     except (OSError, ValueError, DatasetFormatError):
         return False
     generator = (meta.info.get("actprior") or {}).get("generator") or {}
-    defaults = {"action_noise": 0.0}  # datasets written before the option existed recorded the expert as is
+    defaults = {"action_noise": 0.0, "video": None}  # datasets written before the option existed recorded the expert as is
     return all(generator.get(k, defaults.get(k)) == v for k, v in request.items())
 
 
@@ -311,6 +317,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
                         help="corrective demonstrations (DART): Gaussian noise of this standard deviation, in action "
                              "units, on every executed action; the recorded label stays the expert's clean action "
                              "(metaworld, robosuite; default 0)")
+    parser.add_argument("--video", nargs="?", const="av1", default=None, choices=("av1", "h264"),
+                        help="store the camera as LeRobot-style MP4 (AV1 by default, as lerobot-record writes; or "
+                             "h264) instead of PNG frames in the parquet files; needs --image-size")
     parser.add_argument("--overwrite", action="store_true", help="replace existing dataset folders")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -322,7 +331,7 @@ def run_generate(args: argparse.Namespace) -> list[str]:
         image_size=args.image_size, workers=args.workers, seed=args.seed, overwrite=args.overwrite,
         progress=not getattr(args, "no_progress", False),
         max_attempts=getattr(args, "max_attempts", DEFAULT_MAX_ATTEMPTS),
-        action_noise=getattr(args, "action_noise", 0.0),
+        action_noise=getattr(args, "action_noise", 0.0), video=getattr(args, "video", None),
     )
     for root in roots:
         print(root)
