@@ -773,11 +773,29 @@ def check_chunk_fits(datasets: Sequence, chunk_size: int, what: str = "--chunk_s
             )
 
 
-def close_distributed(accelerator) -> None:
+def close_distributed(accelerator, destroy_timeout_s: float = 60.0) -> None:
     """Wait for every rank (rank 0 may still be evaluating and saving), then end the trackers and tear the
-    process group down. Ending earlier on one rank leaves the other blocked on it. Call on every rank."""
+    process group down. Ending earlier on one rank leaves the other blocked on it. Call on every rank.
+
+    ``destroy_process_group`` now and then never returns on gloo even after a barrier (pytorch/pytorch#75097).
+    Everything is saved by then, so a teardown that does not finish within ``destroy_timeout_s`` is logged and
+    left behind (a daemon thread) instead of holding the process, and the launcher, forever."""
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    done = threading.Event()
+
+    def destroy():
+        accelerator.state.destroy_process_group()
+        done.set()
+
+    threading.Thread(target=destroy, name="actprior-destroy-process-group", daemon=True).start()
+    if not done.wait(destroy_timeout_s):
+        logger.warning("rank %d: torch.distributed.destroy_process_group() did not return within %.0f s "
+                       "(pytorch/pytorch#75097); the run is complete and saved, exiting without it.",
+                       accelerator.process_index, destroy_timeout_s)
 
 
 class PreemptionGuard:

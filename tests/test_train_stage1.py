@@ -141,14 +141,40 @@ def test_yaml_values_are_defaults_the_command_line_overrides(corpus, tmp_path):
     assert ap.ActionPriorConfig.from_pretrained(tmp_path / "o" / "final").latent_dim == 6
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd, env, timeout_s: float) -> tuple[int, str]:
+    """Run a launcher; on a hang, SIGABRT its whole process group so every rank's faulthandler prints where
+    it stopped (the failure then says which call hung instead of only that it timed out)."""
+    proc = subprocess.Popen(cmd, env={**env, "PYTHONFAULTHANDLER": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        pytest.fail(f"launcher did not finish within {timeout_s:.0f} s; the ranks' stacks:\n{out[-12000:]}")
+    return proc.returncode, out
+
+
 def test_two_process_ddp_keeps_identical_weights(corpus, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+    returncode, log = _launch(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         os.path.join(ROOT, "training_scripts", "configs", "cpu_ddp.yaml"), "--main_process_port", "29533", SCRIPT,
-         "--dataset", corpus, "--output_dir", str(out), "--max_steps", "4", "--checkpoint_every", "4", *TINY],
-        env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+         os.path.join(ROOT, "training_scripts", "configs", "cpu_ddp.yaml"), "--main_process_port", str(_free_port()),
+         SCRIPT, "--dataset", corpus, "--output_dir", str(out), "--max_steps", "4", "--checkpoint_every", "4", *TINY],
+        env, timeout_s=300)
+    assert returncode == 0, log[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["ranks_identical"] is True
