@@ -269,6 +269,13 @@ def build_vla(preset, family, image_size, chunk, seed=0, text_overrides=None, pr
     return model, processor
 
 
+def flow_chunk_bytes(head) -> int:
+    """Bytes of weights the conditioning reads once per chunk: every block's modulation layer and the latent MLP (the
+    time embeddings of the step grid are cached across chunks)."""
+    mats = [p for block in head.blocks for p in block.modulation.parameters()] + list(head.latent_mlp.parameters())
+    return int(sum(m.numel() * m.element_size() for m in mats))
+
+
 def flow_step_bytes(head) -> int:
     """Bytes of weights one flow step of the action head reads: the input layer's columns for the chunk, every block's
     MLP and the output layer (the latent, time and modulation layers run once per chunk, before the steps)."""
@@ -503,6 +510,7 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
             "flow_share_within_call": round(float(np.median(parts_few[:, 2] / parts_few.sum(1))), 4),
         },
         "flow_step_weight_bytes": flow_step_bytes(ours.action_head),
+        "flow_chunk_weight_bytes": flow_chunk_bytes(ours.action_head),
         "flops": {"ours_predict_action": ours_flops, "ours_vlm_prefix": enc_flops,
                   "ours_flow_steps": ours_flops - enc_flops, "pi0_sample_actions": pi0_flops},
         "achieved_gflops": {"ours_predict_action": round(ours_flops / model_ms / 1e6, 3),
@@ -520,7 +528,6 @@ def build_corpus(tmp):
     from synthetic import make_corpus
 
     from modeling_actprior.data import fit_normalizer, load_lerobot_dataset
-
     from modeling_actprior.data.lerobot_format import write_lerobot_dataset
 
     t0 = time.perf_counter()
@@ -885,6 +892,21 @@ def report_cpu(result) -> str:
               f"{s['few_step']['breakdown_ms']['flow_steps']['median_ms']:.2f}",
               f"{100 * s['few_step']['flow_share_of_pipeline']:.1f}%",
               f"{100 * s['few_step']['flow_share_within_call']:.1f}%"] for s in settings]))
+        if "flow_floor" in fs:
+            out.append(f"\nThe {fs['steps']}-step flow against the machine's limit: once per chunk the conditioning "
+                       "reads every block's modulation layer (it depends on the chunk's latent), then each step reads "
+                       "the step weights. 'Share at the floor': the flow's share of the few-step pipeline if it ran at "
+                       "the memory-streaming rate, the rest unchanged; a goal below it needs a head that reads fewer "
+                       "bytes per chunk, not a faster loop.")
+            out.append(md_table(
+                ["setting", "weights per chunk", f"flow ({fs['steps']} steps) ms", "floor: memory / cache ms",
+                 "flow / memory floor", "share at the floor"],
+                [[s["setting"], f"{s['few_step']['flow_floor']['memory']['mb_per_chunk']:.2f} MB",
+                  f"{s['few_step']['breakdown_ms']['flow_steps']['median_ms']:.2f}",
+                  f"{s['few_step']['flow_floor']['memory']['floor_ms']:.2f} / "
+                  f"{s['few_step']['flow_floor']['cache']['floor_ms']:.2f}",
+                  f"{s['few_step']['flow_floor']['memory']['flow_over_floor']:.1f}x",
+                  f"{100 * s['few_step']['flow_floor']['memory']['share_at_floor']:.1f}%"] for s in settings]))
     if settings and "flow_floor" in settings[0]:
         ws = result["machine_limit"]["weight_stream"]["best_gbps"]
         out.append(f"\nThe flow steps against the machine's limit: a batch-1 step reads every weight of the action head "
@@ -1031,9 +1053,12 @@ def goals_cpu(result) -> list[dict]:
         if not fs:
             continue
         f = fs["flow_share_of_pipeline"]
+        floor = fs.get("flow_floor", {}).get("memory")
+        at_floor = (f"; {100 * floor['share_at_floor']:.1f}% at this machine's memory-streaming limit, "
+                    f"{floor['flow_over_floor']:.1f}x away") if floor else ""
         goals.append({"goal": f"{fs['steps']}-step flow steps <= {GOAL_FEW_STEP_FLOW_SHARE:.0%} of pipeline latency "
                               f"[{s['setting']}]",
-                      "value": f"{100 * f:.1f}% (within-call {100 * fs['flow_share_within_call']:.1f}%)",
+                      "value": f"{100 * f:.1f}% (within-call {100 * fs['flow_share_within_call']:.1f}%{at_floor})",
                       "measured": f, "pass": f <= GOAL_FEW_STEP_FLOW_SHARE})
         r = fs["ratio_pipeline_vs_pi0_end_to_end"]["median"]
         goals.append({"goal": f"{fs['steps']}-step pipeline <= {GOAL_FEW_STEP_PI0_RATIO}x PI0 at {fs['pi0_steps']} "
@@ -1096,6 +1121,21 @@ def flow_floor(setting: dict, gbps: float) -> dict:
             "mb_per_step": round(setting["flow_step_weight_bytes"] / 2**20, 2)}
 
 
+def few_step_floor(setting: dict, gbps: float) -> dict:
+    """The few-step flow at the weight-streaming limit: once per chunk the conditioning reads every block's modulation
+    layer (it depends on the chunk's latent), then each step reads the head's step weights; the share of the
+    few-step pipeline the flow would have there, the rest unchanged. A goal below ``share_at_floor`` cannot be met by
+    a faster implementation of this head, only by a head that reads fewer bytes per chunk."""
+    fs = setting["few_step"]
+    byts = fs["steps"] * setting["flow_step_weight_bytes"] + setting["flow_chunk_weight_bytes"]
+    floor_ms = byts / (gbps * 1e9) * 1e3
+    flow_ms = fs["breakdown_ms"]["flow_steps"]["median_ms"]
+    rest = setting["latency"][f"ours_pipeline_{fs['steps']}step"]["median_ms"] - flow_ms
+    return {"floor_ms": round(floor_ms, 3), "flow_over_floor": round(flow_ms / floor_ms, 2),
+            "share_at_floor": round(floor_ms / (rest + floor_ms), 4), "gbps": round(gbps, 1),
+            "mb_per_chunk": round(byts / 2**20, 2)}
+
+
 def run_cpu(args) -> dict:
     import torch
     from flops import matmul_gflops, stream_gbps
@@ -1123,6 +1163,8 @@ def run_cpu(args) -> dict:
                                                  "low_precision_cache": low_precision}}
     for s in result["settings"]:
         s["flow_floor"] = {k: flow_floor(s, best[k]) for k in ("cache", "memory")}
+        if "few_step" in s:
+            s["few_step"]["flow_floor"] = {k: few_step_floor(s, best[k]) for k in ("cache", "memory")}
     result["contention"] = contention_summary()
     worst = max((c["inflation"] for c in result["contention"].values()), default=1.0)
     result["contended"] = worst > CONTENTION_LIMIT

@@ -223,6 +223,12 @@ class VideoFrameCache:
                 self._bytes -= old.nbytes
         return value
 
+    def clear(self) -> None:
+        """Drop every decoded span (the next read of each decodes again)."""
+        with self._lock:
+            self._spans.clear()
+            self._bytes = 0
+
     def frame(self, path: str, start_s: float, end_s: float, t: float, tolerance_s: float = DEFAULT_TOLERANCE_S,
               where: str = "") -> np.ndarray:
         """The frame at time ``t`` of ``path``, decoding (once) the span ``[start_s, end_s]`` it belongs to."""
