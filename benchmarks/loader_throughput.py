@@ -25,17 +25,11 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from modeling_actprior.action_space import get_embodiment
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "training_scripts") not in sys.path:  # train_stage2's collator and optimizer
-    sys.path.insert(0, str(ROOT / "training_scripts"))
-
 from modeling_actprior.data import (  # noqa: E402
     ActionWindowDataset,
     Episode,
@@ -142,9 +136,8 @@ def time_epochs(dataset, collate, num_workers: int, batch_size: int, epochs: int
 
 def time_stage2_step(preset: str, processor_cfg, batches: list[dict], steps: int, warmup: int) -> dict:
     """Median Stage-2 training step (forward, backward, clipping, AdamW) of a random ``preset`` VLA, batch as given."""
-    from train_stage2 import build_optimizer
-
     import modeling_actprior as ap
+    from modeling_actprior.training.stage2 import build_optimizer
 
     torch.manual_seed(0)
     model = ap.VLAWithPriorForAction(processor_cfg).train()
@@ -165,11 +158,10 @@ def time_stage2_step(preset: str, processor_cfg, batches: list[dict], steps: int
 
 
 def video_main(args) -> dict:
-    from train_stage2 import VLACollator
-
     import modeling_actprior as ap
     from modeling_actprior.data import VLAWindowDataset
     from modeling_actprior.data.video import decode_span, frame_cache
+    from modeling_actprior.training.stage2 import VLACollator
 
     tmp = tempfile.TemporaryDirectory(prefix="actprior-bench-video-")
     t0 = time.perf_counter()

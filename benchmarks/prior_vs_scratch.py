@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
 def update_readme(path: str, text: str, budget: str) -> None:
     """Replace the block between the markers (the figures are the docs/ copies of this run's PNGs)."""
-    from modeling_actprior.quickstart import replace_readme_block
+    from modeling_actprior.training.reporting import replace_readme_block
 
     figs = "\n\n".join(f"![{k}](docs/prior_vs_scratch_{budget}_{k}.png)" for k in ("curves", "final", "scaling")
                        if os.path.isfile(os.path.join(ROOT, "docs", f"prior_vs_scratch_{budget}_{k}.png")))

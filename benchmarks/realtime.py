@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     shutil.copy(figure, os.path.join(ROOT, "docs", "realtime.png"))
     if args.update_readme:
-        from modeling_actprior.quickstart import replace_readme_block
+        from modeling_actprior.training.reporting import replace_readme_block
 
         replace_readme_block(os.path.join(ROOT, "README.md"), MARK_START, MARK_END, text)
     return 0

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-for extra in (ROOT / "benchmarks", ROOT / "training_scripts", ROOT / "tests", ROOT):
+for extra in (ROOT / "benchmarks", ROOT / "tests", ROOT):
     if str(extra) not in sys.path:
         sys.path.insert(0, str(extra))
 
@@ -645,12 +645,12 @@ def history_token_vs_vlm_size(args, preset, reps, prompt_lengths: int = 8) -> li
 def training_sections(args, tmp) -> dict:
     import torch
     from flops import count_flops
-    from train_stage2 import VLACollator, build_optimizer
     from transformers import pipeline
 
     import modeling_actprior as ap
     from modeling_actprior.data import ActionWindowDataset, VLAWindowDataset, collate_windows
     from modeling_actprior.hub import export_for_hub
+    from modeling_actprior.training.stage2 import VLACollator, build_optimizer
 
     out = {}
     corpora, video_corpora, norm, built_s = build_corpus(tmp)
@@ -1395,7 +1395,7 @@ def main(argv=None):
     write_text(md, markdown_header(result) + "\n\n" + text + "\n")
     print(f"\nwrote {args.out} and {md} ({result['wall_s']} s)")
     if args.update_readme:
-        from modeling_actprior.quickstart import replace_readme_block
+        from modeling_actprior.training.reporting import replace_readme_block
 
         replace_readme_block(str(ROOT / "README.md"), README_START, README_END,
                              markdown_header(result) + "\n\n" + text)

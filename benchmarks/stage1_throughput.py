@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "training_scripts"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT / "tests")]
 
 
 def loader_rate(dataset_dirs, history, chunk, batch_size, seconds=5.0):
@@ -53,7 +53,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "stage1_throughput.json"))
     args = p.parse_args()
-    import train_stage1
+    from modeling_actprior.training import stage1 as train_stage1
 
     with tempfile.TemporaryDirectory() as tmp:
         dirs = args.dataset

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 
 
@@ -126,37 +125,10 @@ def update_readme(readme: str, report: str, command: str) -> None:
 
     body = re.sub(r"(!\[[^\]]*\])\(([^)]+)\)", copy, body)
     body = re.sub(r"\[([^\]]+)\]\((latents/index\.html)\)", r"`\1` (in the run folder)", body)
+    from .training.reporting import replace_readme_block
+
     replace_readme_block(readme, README_START, README_END,
                          f"From `{command}`, copied from its `report.md` by `--update-readme`:\n\n{body}")
-
-
-def replace_readme_block(path: str, start: str, end: str, text: str) -> None:
-    """Replace what lies between the markers ``start`` and ``end`` of the markdown file ``path`` with ``text`` (the
-    README's generated blocks: quickstart results, the prior-vs-scratch study, the speed report)."""
-    from .training import write_text
-
-    with open(path) as f:
-        readme = f.read()
-    if start not in readme or end not in readme:
-        raise ValueError(f"{path} has no {start} ... {end} block to update.")
-    head, rest = readme.split(start, 1)
-    _, tail = rest.split(end, 1)
-    write_text(path, f"{head}{start}\n{text}\n{end}{tail}")
-
-
-def _training_script(name: str):
-    """Import ``training_scripts/<name>.py`` from the repository (or an installed ``training_scripts``)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    scripts = os.path.normpath(os.path.join(here, "..", "training_scripts"))
-    if os.path.isfile(os.path.join(scripts, f"{name}.py")) and scripts not in sys.path:
-        sys.path.insert(0, scripts)
-    try:
-        return __import__(name)
-    except ImportError:
-        raise ImportError(
-            f"training_scripts/{name}.py was not found next to the package; run the quickstart from a clone of the "
-            "repository installed with `pip install -e .` (see README)."
-        ) from None
 
 
 def plot_stage1_errors(evaluation: dict, path: str) -> str:

@@ -219,15 +219,6 @@ def _py() -> str:
     return sys.executable
 
 
-def _script(name: str) -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.normpath(os.path.join(here, "..", "training_scripts", f"{name}.py"))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run the study from a clone of the repository installed with "
-                                "`pip install -e .` (see README).")
-    return path
-
-
 def stage1_corpus_plan(budget: Budget) -> list[tuple[str, dict]]:
     """``[(simulator, generate(...) keyword arguments)]`` of the Stage-1 corpus at its largest size."""
     from modeling_actprior.sim.metaworld_expert import TASKS as MW_TASKS
@@ -287,7 +278,7 @@ def plan_jobs(out: str, budget: Budget, data: dict) -> tuple[list[Job], list[Job
     for size in budget.stage1_sizes:
         run = prior_dir(out, budget, size)
         # The first `size` episodes of every task of every robot: smaller corpora are subsets of the larger.
-        argv = [_py(), _script("train_stage1"), "--dataset", *data["stage1"].values()]
+        argv = [_py(), "-m", "modeling_actprior.training.stage1", "--dataset", *data["stage1"].values()]
         argv += ["--max_episodes_per_task", str(size), "--output_dir", run, "--max_steps", str(budget.stage1_steps),
                  "--model_preset", budget.stage1_preset, "--batch_size", str(budget.stage1_batch_size),
                  "--learning_rate", str(budget.stage1_learning_rate), "--eval_every", "250",
@@ -369,7 +360,7 @@ def _stage2_job(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     with open(args.budget_json) as f:
         budget = Budget(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.load(f).items()})
-    from modeling_actprior.quickstart import _training_script
+    from modeling_actprior.training import stage2
 
     data = os.path.join(args.out, "data", "demos_corrective" if args.variant in CORRECTIVE_VARIANTS else "demos")
     final = os.path.join(args.run, "final")
@@ -385,7 +376,7 @@ def _stage2_job(args: argparse.Namespace) -> int:
                 "--keep_last", str(len(budget.eval_steps) + 1), "--eval_every", str(budget.eval_every or 0),
                 "--val_fraction", "0.1", "--log_every", "25", "--no_progress", "--resume_from_checkpoint", "latest",
                 *VARIANT_OPTIONS.get(args.variant, ())]
-        _training_script("train_stage2").main(argv)
+        stage2.main(argv)
     if not budget.closed_loop:
         write_json(os.path.join(args.run, "closed_loop.json"), {"run": args.run, "steps": []})
         return 0

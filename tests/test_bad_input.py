@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +38,8 @@ from modeling_actprior.data import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training_scripts"))
-import train_stage1  # noqa: E402
-import train_stage2  # noqa: E402
+from modeling_actprior.training import stage1 as train_stage1  # noqa: E402
+from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 STAGE1 = ["--model_preset", "tiny", "--chunk_size", "8", "--history_length", "4", "--batch_size", "8",
           "--eval_every", "0", "--val_fraction", "0", "--no_progress", "--eval_windows", "8"]

@@ -5,7 +5,6 @@ clear error that keeps what was already saved."""
 import errno
 import json
 import os
-import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -28,13 +27,20 @@ from fault_injection import (
 from safetensors.torch import load_file
 from synthetic import make_corpus
 
-from modeling_actprior import ActionPriorModel, training
-from modeling_actprior.training import CHECKPOINT_DIR, atomic_folder, list_checkpoints, verify_checkpoint, write_json
+from modeling_actprior import ActionPriorModel
+from modeling_actprior.training import (
+    CHECKPOINT_DIR,
+    atomic_folder,
+    checkpointing,
+    list_checkpoints,
+    loop,
+    verify_checkpoint,
+    write_json,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "training_scripts"))
-import train_stage1  # noqa: E402
-import train_stage2  # noqa: E402
+from modeling_actprior.training import stage1 as train_stage1  # noqa: E402
+from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 TINY1 = ["--model_preset", "tiny", "--chunk_size", "8", "--history_length", "4", "--batch_size", "16", "--log_every",
          "2", "--eval_every", "0", "--no_progress", "--eval_windows", "16", "--seed", "3"]
@@ -130,7 +136,7 @@ def test_tampered_checkpoint_is_refused_naming_the_file(corpus, tmp_path):
 def test_disk_full_while_saving_keeps_earlier_checkpoints_and_says_so(corpus, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--dataset", *corpus, "--output_dir", str(out), "--checkpoint_every", "2", *TINY1]
-    real = training._save_tensors
+    real = checkpointing._save_tensors
     checkpoints_started = set()
 
     def fills_the_disk(tensors, path):
@@ -141,7 +147,7 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints_and_says_so(corpus, tm
             raise OSError(errno.ENOSPC, "No space left on device")
         real(tensors, path)
 
-    monkeypatch.setattr(training, "_save_tensors", fills_the_disk)
+    monkeypatch.setattr(checkpointing, "_save_tensors", fills_the_disk)
     with pytest.raises(OSError, match="Could not write checkpoint") as err:
         train_stage1.main([*args, "--max_steps", "6"])
     message = str(err.value)
@@ -151,7 +157,7 @@ def test_disk_full_while_saving_keeps_earlier_checkpoints_and_says_so(corpus, tm
     verify_checkpoint(str(out / CHECKPOINT_DIR / "step-000002"))
     assert not (out / "final").exists()
 
-    monkeypatch.setattr(training, "_save_tensors", real)
+    monkeypatch.setattr(checkpointing, "_save_tensors", real)
     assert train_stage1.main([*args, "--max_steps", "6", "--resume_from_checkpoint", "latest"])["step"] == 6
 
 
@@ -165,7 +171,7 @@ def test_unwritable_or_full_output_dir_fails_before_training(corpus, tmp_path, m
     class Usage:
         free = 3 * 2**20
 
-    monkeypatch.setattr(training.shutil, "disk_usage", lambda path: Usage)
+    monkeypatch.setattr(loop.shutil, "disk_usage", lambda path: Usage)
     out = tmp_path / "full"
     with pytest.raises(OSError, match="only 3 MiB free"):
         train_stage1.main(["--dataset", *corpus, "--output_dir", str(out), "--max_steps", "2", *TINY1])

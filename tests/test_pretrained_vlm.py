@@ -2,7 +2,6 @@
 ``from_prior(prior, vlm=...)`` and ``train_stage2.py --vlm_name_or_path``."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -26,8 +25,7 @@ from modeling_actprior.configuration_actprior_vla import VLA_PRESETS, _vlm
 from modeling_actprior.processing_actprior import build_instruction_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "training_scripts"))
-import train_stage2  # noqa: E402
+from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 LLAVA_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
                   "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"

@@ -4,7 +4,6 @@ variance floor / temperature / means-only match, and the paired statistics and j
 
 import dataclasses
 import math
-import os
 
 import numpy as np
 import pytest
@@ -201,13 +200,11 @@ def test_variant_options_come_after_the_budgets_so_they_override_them(tmp_path, 
     (tmp_path / "budget.json").write_text(json.dumps(dataclasses.asdict(budget)))
     seen = {}
 
-    class Script:
-        @staticmethod
-        def main(argv):
-            seen["argv"] = argv
-            raise SystemExit(0)
+    def main(argv):
+        seen["argv"] = argv
+        raise SystemExit(0)
 
-    monkeypatch.setattr("modeling_actprior.quickstart._training_script", lambda name: Script)
+    monkeypatch.setattr("modeling_actprior.training.stage2.main", main)
     args = study.argparse.Namespace(out=str(tmp_path), budget_json=str(tmp_path / "budget.json"),
                                     run=str(tmp_path / "run"), prior="p", demos=10, variant="full+dart+aug", seed=0,
                                     final_only=True)
@@ -222,10 +219,7 @@ def test_variant_options_come_after_the_budgets_so_they_override_them(tmp_path, 
 def test_the_full_baseline_trains_on_augmented_histories_and_the_papers_variant_spells_out_its_own():
     full = ap.VLAWithPriorConfig.from_preset("tiny", baseline="full")
     assert (full.history_noise, full.history_shift, full.history_latent) == (0.3, 8, "sample")
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training_scripts"))
-    import train_stage2
+    from modeling_actprior.training import stage2 as train_stage2
 
     args = train_stage2.build_parser().parse_args(["--dataset", "d", "--baseline", "full",
                                                    *study.VARIANT_OPTIONS["full"]])

@@ -19,8 +19,7 @@ from modeling_actprior.metrics import ACTION_ERROR_METRIC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "training_scripts", "train_stage1.py")
-sys.path.insert(0, os.path.join(ROOT, "training_scripts"))
-import train_stage1  # noqa: E402
+from modeling_actprior.training import stage1 as train_stage1  # noqa: E402
 
 TINY = ["--model_preset", "tiny", "--chunk_size", "8", "--history_length", "4", "--batch_size", "16",
         "--log_every", "2", "--eval_every", "4", "--no_progress", "--eval_windows", "64", "--seed", "3"]

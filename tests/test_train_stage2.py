@@ -1,6 +1,5 @@
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -13,8 +12,7 @@ import modeling_actprior as ap
 from modeling_actprior.data import fit_normalizer, load_lerobot_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "training_scripts"))
-import train_stage2  # noqa: E402
+from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 TINY = ["--model_preset", "tiny", "--batch_size", "4", "--log_every", "2", "--eval_every", "2", "--no_progress",
         "--eval_windows", "8", "--seed", "3"]

@@ -188,10 +188,8 @@ def test_rollout_videos_are_mp4(tmp_path):
 
 
 def test_stage2_trains_on_a_video_dataset(av1_dataset, tmp_path):
-    import sys
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training_scripts"))
-    import train_stage2
+    from modeling_actprior.training import stage2 as train_stage2
 
     ds = load_lerobot_dataset(av1_dataset)
     prior = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", chunk_size=4, history_length=3))

@@ -1,7 +1,6 @@
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +13,7 @@ from modeling_actprior.cli import main as cli_main
 from modeling_actprior.data import fit_normalizer, load_lerobot_dataset, split_episodes, write_lerobot_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "training_scripts"))
-import train_stage2  # noqa: E402
+from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 TASKS = ("reach the goal", "push the block")
 SEED, VAL_FRACTION = 3, 0.5  # held-out episodes [2, 3] of 4: one of each task per robot

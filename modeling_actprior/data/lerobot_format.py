@@ -46,6 +46,7 @@ from ..action_space import (
     UnknownEmbodimentError,
     register_embodiment,
 )
+from ..training.atomic_io import fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -111,34 +112,6 @@ class Episode:
 def _fps_value(fps: float):
     fps = float(fps)
     return int(fps) if fps.is_integer() else fps
-
-
-def _fsync_tree(root: str) -> None:
-    """fsync every file, then every directory (deepest first), below ``root``."""
-    dirs = []
-    for dirpath, _, filenames in os.walk(root):
-        dirs.append(dirpath)
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    for d in reversed(dirs):
-        _fsync_dir(d)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -639,7 +612,7 @@ class LeRobotDatasetWriter:
             pq.write_table(pa.Table.from_pylist(self._episodes), ep_path)
             _write_json(os.path.join(tmp, STATS_PATH), self._global_stats())
             _write_json(os.path.join(tmp, INFO_PATH), self._info())
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             self._commit()
         except BaseException:
             self.abort()
@@ -663,7 +636,7 @@ class LeRobotDatasetWriter:
             if old is not None:
                 os.rename(old, self.root)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
