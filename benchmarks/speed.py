@@ -528,7 +528,7 @@ def build_corpus(tmp):
     from synthetic import make_corpus
 
     from modeling_actprior.data import fit_normalizer, load_lerobot_dataset
-    from modeling_actprior.data.lerobot_format import write_lerobot_dataset
+    from modeling_actprior.data.lerobot import write_lerobot_dataset
 
     t0 = time.perf_counter()
     dirs = make_corpus(Path(tmp) / "corpus", n_episodes=16, length=60, images=64)

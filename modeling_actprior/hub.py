@@ -177,13 +177,17 @@ def eval_results_for_card(results: dict) -> list:
     return out
 
 
-def build_model_card(folder: str, repo_id: str, results: dict | None = None, dataset_repo_id: str | None = None,
-                     base_model: str | None = None, success_chart: str | None = None, rollout_gif: str | None = None,
-                     license: str = LICENSE):
-    """The VLA's card (``huggingface_hub.ModelCard``) from ``model_cards/actprior_vla.md``, for checkpoint ``folder``.
+def build_model_card(folder: str, repo_id: str | None = None, results: dict | None = None,
+                     dataset_repo_id: str | None = None, base_model: str | None = None,
+                     success_chart: str | None = None, rollout_gif: str | None = None, license: str = LICENSE,
+                     command: str | None = None, prior: str | None = None):
+    """The VLA's card (``huggingface_hub.ModelCard``) from ``model_cards/actprior_vla.md``, for checkpoint ``folder``:
+    the one renderer of that card, for the training script's ``final/`` and for the Hub.
 
     Training facts come from the folder (``config.json``, ``action_normalizer.json``, the training script's
     ``eval_results.json`` and card); closed-loop numbers from ``results`` (an ``actprior evaluate`` dict).
+    ``command``: the training command (default: the one the folder's card records); ``prior``: where the Stage-1
+    prior came from (default ``base_model``).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -201,7 +205,7 @@ def build_model_card(folder: str, repo_id: str, results: dict | None = None, dat
         datasets=[dataset_repo_id] if dataset_repo_id else None,
         # The prior and, when Stage 2 started from one, the pretrained VLM (a Hub id; a local folder names nothing).
         base_model=_base_models(base_model, config.get("base_vlm")),
-        model_name=repo_id.split("/")[-1] if results else None,
+        model_name=repo_id.split("/")[-1] if results and repo_id else None,
         eval_results=eval_results_for_card(results) if results else None,
     )
     switches = {k: config.get(k) for k in ("use_prior_decoder", "history_token", "freeze_history_encoder",
@@ -210,14 +214,13 @@ def build_model_card(folder: str, repo_id: str, results: dict | None = None, dat
     corpus, evaluation, history = training.get("corpus") or {}, training.get("evaluation") or {}, training.get("history") or []
     adapters = _read_json(os.path.join(folder, "lora_adapters", "adapter_config.json"))
     old_card = os.path.join(folder, "README.md")
-    command = None
-    if os.path.isfile(old_card):  # the training command, as the training script wrote it into its card
+    if command is None and os.path.isfile(old_card):  # the training command, as the training script wrote it
         found = re.search(r"```bash\n(accelerate launch [^\n]*)\n```", open(old_card).read())
         command = found.group(1) if found else None
     kwargs: dict[str, Any] = dict(
         embodiments=embodiments, vlm_type=vlm_type, baseline=_baseline_name(config),
         preset=f"pretrained VLM `{config['base_vlm']}`" if config.get("base_vlm") else _preset_name(config),
-        prior=base_model or "a Stage-1 ActionPriorModel",
+        prior=prior or base_model or "a Stage-1 ActionPriorModel",
         switches_table=markdown_table([{"switch": k, "value": v} for k, v in switches.items()], ["switch", "value"]),
         corpus_table=markdown_table(corpus["datasets"], ["embodiment", "episodes", "frames", "train_episodes",
                                                          "val_episodes", "weight"])

@@ -18,7 +18,6 @@ its siblings, relatively.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,22 +29,33 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils import logging as hf_logging
 
-from .action_space import ACTION_NORMALIZER_NAME, ActionNormalizer, check_finite
+from .action_space import ActionNormalizer
 from .configuration_actprior import ActionPriorConfig
+from .fast_path import (
+    _first_token_output,
+    _gelu,
+    _has_forward_hooks,
+    _layer_norm,
+    _linear,
+    _mlp,
+)
+from .inputs import (  # noqa: F401 - the batch keys, re-exported
+    ACTION_MASK,
+    ACTIONS,
+    DIM_MASK,
+    EMBODIMENT,
+    HISTORY,
+    HISTORY_MASK,
+    STATE,
+    check_action_inputs,
+    check_state,
+)
+from .modeling_checkpoint import (
+    ActionCheckpointMixin,
+)
 from .scheduling_flow_matching import FlowMatchingActionScheduler
 
 logger = hf_logging.get_logger(__name__)
-
-SCHEDULER_SUBFOLDER = "scheduler"
-
-# Batch keys shared by the data pipeline, the training scripts and the model.
-HISTORY = "history"
-HISTORY_MASK = "history_mask"
-ACTIONS = "actions"
-ACTION_MASK = "action_mask"
-DIM_MASK = "dim_mask"
-STATE = "state"
-EMBODIMENT = "embodiment"
 
 
 # --------------------------------------------------------------------------------------------- outputs
@@ -96,80 +106,6 @@ def sinusoidal_time_embedding(t: torch.Tensor, dim: int, max_period: float = 100
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = 1000.0 * t.float()[..., None] * freqs
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
-
-
-#: Inputs of 2 to this many rows go through a plain ``nn.Linear`` as ``weight @ x.T`` (see ``_linear``).
-_FEW_ROWS = 16
-
-
-def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``; a plain ``nn.Linear`` is applied through its parameters, which skips the module call (several
-    microseconds at batch 1 on a CPU, paid by every layer of every flow step). Any other layer (a LoRA or quantized
-    wrapper) is called as a module.
-
-    A few rows (the modulations of all flow steps of one chunk, a small batch) are multiplied as
-    ``(weight @ x.T).T``: on this project's 2-core CPU the BLAS kernel for a transposed weight is up to twice as
-    slow at 14-16 rows on 512 x 1024 weights, though about even or faster below 12; end to end the two choices
-    differ by a few percent either way.
-    """
-    if type(layer) is not nn.Linear:
-        return layer(x)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 1 < rows <= _FEW_ROWS and layer.bias is not None and x.device.type == "cpu":
-        y = torch.addmm(layer.bias[:, None], layer.weight, x.reshape(rows, -1).t()).t()
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    return F.linear(x, layer.weight, layer.bias)
-
-
-def _layer_norm(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` for an ``nn.LayerNorm`` without the module call (see ``_linear``)."""
-    if type(layer) is nn.LayerNorm:
-        return F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
-    return layer(x)
-
-
-def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mlp(x)`` for an ``nn.Sequential(Linear, SiLU, Linear)`` without the module calls (see ``_linear``)."""
-    if type(mlp) is nn.Sequential and len(mlp) == 3 and type(mlp[1]) is nn.SiLU:
-        return _linear(mlp[2], F.silu(_linear(mlp[0], x)))
-    return mlp(x)
-
-
-#: Up to this many values, GELU on a CPU runs ATen's own kernel rather than oneDNN's (see ``_gelu``).
-_SMALL_GELU = 8192
-
-
-def _gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``F.gelu(x)``. On a CPU, torch hands a contiguous float32 input of exact GELU to oneDNN, whose per-call setup
-    (~10 us) dwarfs the work on the few hundred values of one flow step; a transposed view of the same values runs
-    ATen's vectorized kernel instead: the same exact (erf) GELU, to rounding."""
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[-1] % 2 == 0 and x.numel() <= _SMALL_GELU:
-        b = x.shape[0]
-        return F.gelu(x.view(b, 2, -1).transpose(1, 2), approximate=approximate).transpose(1, 2).reshape(b, -1)
-    return F.gelu(x, approximate=approximate)
-
-
-def _first_token_output(layer: nn.Module, h: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-    """``layer(h, src_key_padding_mask=pad)[:, 0]`` ``(B, d)`` for a pre-norm ``nn.TransformerEncoderLayer``, computing
-    the query, attention output and MLP of the first position only (the others contribute their keys and values).
-    Any other layer runs whole."""
-    attn = getattr(layer, "self_attn", None)
-    if (type(layer) is not nn.TransformerEncoderLayer or not layer.norm_first or type(attn) is not nn.MultiheadAttention
-            or not attn.batch_first or not attn._qkv_same_embed_dim or attn.in_proj_bias is None
-            or attn.bias_k is not None or attn.add_zero_attn):
-        return layer(h, src_key_padding_mask=pad)[:, 0]
-    b, t, d = h.shape
-    heads = attn.num_heads
-    a = F.layer_norm(h, layer.norm1.normalized_shape, layer.norm1.weight, layer.norm1.bias, layer.norm1.eps)
-    q = F.linear(a[:, 0], attn.in_proj_weight[:d], attn.in_proj_bias[:d]).view(b, heads, 1, d // heads)
-    k, v = F.linear(a, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).view(b, t, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :],
-                                       dropout_p=attn.dropout if layer.training else 0.0)
-    x = h[:, 0] + layer.dropout1(F.linear(o.reshape(b, d), attn.out_proj.weight, attn.out_proj.bias))
-    y = F.layer_norm(x, layer.norm2.normalized_shape, layer.norm2.weight, layer.norm2.bias, layer.norm2.eps)
-    y = _linear(layer.linear1, y)
-    y = _gelu(y) if layer.activation is F.gelu else layer.activation(y)
-    return x + layer.dropout2(_linear(layer.linear2, layer.dropout(y)))
 
 
 class ActionHistoryEncoder(nn.Module):
@@ -414,20 +350,19 @@ class FlowMatchingActionDecoder(nn.Module):
         z: torch.Tensor | None,
         t: torch.Tensor,
         dim_mask: torch.Tensor,
-        latent_condition: torch.Tensor | None = None,
         time_condition: torch.Tensor | None = None,
         step_size: torch.Tensor | None = None,
     ) -> DecoderConditioning:
         """The ``x_t``-independent part of the velocity field.
 
         Args:
-            z: ``(B, d_z)`` latent; ignored when ``latent_condition`` (from ``condition(z)``) is given.
+            z: ``(B, d_z)`` latent.
             t: ``(B,)`` one flow time per sample, or ``(S, 1)`` / ``(S, B)`` for ``S`` flow steps at once; ignored
                 when ``time_condition`` (from ``time_condition(t)``) is given.
             dim_mask: ``(B, D_max)`` bool.
             step_size: shortcut decoders only: the step size ``d`` per flow time, shaped like ``t`` (None: 0).
         """
-        latent = latent_condition if latent_condition is not None else self.condition(z)
+        latent = self.condition(z)
         dm = dim_mask.to(latent.dtype)
         # The latent enters the residual stream directly (it carries where the motion is) and, with flow
         # time, modulates every block (how to denoise at this t).
@@ -464,7 +399,6 @@ class FlowMatchingActionDecoder(nn.Module):
         t: torch.Tensor | None = None,
         z: torch.Tensor | None = None,
         dim_mask: torch.Tensor | None = None,
-        latent_condition: torch.Tensor | None = None,
         conditioning: DecoderConditioning | None = None,
         step_size: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -472,7 +406,7 @@ class FlowMatchingActionDecoder(nn.Module):
         Args:
             x_t: ``(B, H, D_max)`` noisy chunk at flow time ``t``.
             t: ``(B,)`` flow times (1 = noise, 0 = data).
-            z: ``(B, d_z)`` latent; ignored when ``latent_condition`` (from ``condition(z)``) is given.
+            z: ``(B, d_z)`` latent.
             dim_mask: ``(B, D_max)`` bool.
             conditioning: from ``conditioning(z, t, dim_mask)`` for this step; replaces ``t``, ``z``, ``dim_mask``.
             step_size: ``(B,)`` step sizes, for a shortcut decoder (None: 0, the instantaneous velocity).
@@ -480,8 +414,7 @@ class FlowMatchingActionDecoder(nn.Module):
             velocity ``(B, H, D_max)`` (a shortcut decoder's average velocity over a step of ``step_size``), zero in
             padded dimensions.
         """
-        c = conditioning if conditioning is not None else self.conditioning(z, t, dim_mask, latent_condition,
-                                                                             step_size=step_size)
+        c = conditioning if conditioning is not None else self.conditioning(z, t, dim_mask, step_size=step_size)
         b, mask = x_t.shape[0], c.chunk_mask
         x = (x_t * mask).reshape(b, -1)
         if c.weights is None:  # some layer is wrapped: call the modules
@@ -511,12 +444,6 @@ class FlowMatchingActionDecoder(nn.Module):
                 y = F.dropout(y, p, True)
             h = torch.addcmul(h, gate, torch.addmm(b2, y, w2))
         return torch.addmm(w.out_bias, F.layer_norm(h, shape, None, None, w.out_norm_eps), w.out_weight_t)
-
-
-def _has_forward_hooks(module: nn.Module) -> bool:
-    m = torch.nn.modules.module
-    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
-                or m._global_forward_pre_hooks)
 
 
 # --------------------------------------------------------------------------------------------- flow math
@@ -743,24 +670,6 @@ def default_scheduler(config: ActionPriorConfig) -> FlowMatchingActionScheduler:
     return FlowMatchingActionScheduler(num_inference_steps=config.num_inference_steps, solver=solver)
 
 
-def check_state(state: torch.Tensor | None, batch: int, max_state_dim: int) -> None:
-    """Refuse a current state the model cannot read: any state when it reads none (``max_state_dim = 0``), a shape other
-    than ``(batch, max_state_dim)`` (standardized, zero-padded), or NaN / inf."""
-    if state is None:
-        return
-    if max_state_dim == 0:
-        raise ValueError(
-            f"Got a state of shape {tuple(state.shape)} but this model reads no state (max_state_dim=0). Drop state, "
-            "or train a prior with max_state_dim > 0 on data that records it."
-        )
-    if state.ndim != 2 or tuple(state.shape) != (batch, max_state_dim):
-        raise ValueError(
-            f"state must be (batch={batch}, max_state_dim={max_state_dim}), standardized and zero-padded; got shape "
-            f"{tuple(state.shape)}."
-        )
-    check_finite(state, "state")
-
-
 # --------------------------------------------------------------------------------------------- models
 class ActionPriorPreTrainedModel(PreTrainedModel):
     config_class = ActionPriorConfig
@@ -785,75 +694,6 @@ class ActionPriorPreTrainedModel(PreTrainedModel):
             # Zero-init gates: each block starts as the identity, which keeps deep stacks stable.
             nn.init.zeros_(module.modulation.weight)
             nn.init.zeros_(module.modulation.bias)
-
-
-#: Byte alignment of the CPU allocator's blocks (what a freshly built model's tensors have).
-_ALIGNMENT = 64
-
-
-def _own_aligned_storage(model: nn.Module) -> int:
-    """Give every CPU parameter and buffer of ``model`` that is not ``_ALIGNMENT``-byte aligned storage of its own.
-
-    safetensors tensors come out of the file at their header offset (8-byte aligned), and some CPU kernels (seen with
-    the fused transformer-encoder layer on AMD EPYC with AVX-512) take another vectorized path for unaligned inputs,
-    so a reloaded model differed from the one saved by ~1e-8 although its weights were bit-identical. Copying those
-    tensors into fresh allocations makes a loaded model compute exactly what the saved one did. Returns how many
-    tensors were copied."""
-    copied = 0
-    with torch.no_grad():
-        for t in [*model.parameters(), *model.buffers()]:
-            if t.device.type == "cpu" and t.numel() and t.data_ptr() % _ALIGNMENT:
-                t.data = t.data.clone(memory_format=torch.contiguous_format)
-                copied += 1
-    return copied
-
-
-class ActionCheckpointMixin:
-    """``save_pretrained`` / ``from_pretrained`` for models that sample actions: besides weights
-    (safetensors only) and config, a checkpoint carries the flow sampler (``scheduler/``) and the
-    per-embodiment action statistics (``action_normalizer.json``). Put it first in the bases."""
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        kwargs.setdefault("safe_serialization", True)
-        if not kwargs["safe_serialization"]:
-            raise ValueError("actprior checkpoints are written as safetensors only; drop safe_serialization=False.")
-        super().save_pretrained(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            self.scheduler.save_pretrained(os.path.join(save_directory, SCHEDULER_SUBFOLDER))
-            if self.normalizer is not None:
-                self.normalizer.save_pretrained(save_directory)
-            _write_checksums(save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        if os.path.isdir(str(pretrained_model_name_or_path)):
-            _check_model_type(str(pretrained_model_name_or_path), cls)
-            _verify_checksums(str(pretrained_model_name_or_path))
-        wants_info = kwargs.get("output_loading_info", False)
-        kwargs["output_loading_info"] = True
-        try:
-            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except Exception as e:
-            if type(e).__name__ != "SafetensorError":
-                raise
-            raise ValueError(
-                f"The weights in {pretrained_model_name_or_path} cannot be read as safetensors ({e}): the file is "
-                "truncated or was modified. Download or export the checkpoint again."
-            ) from None
-        # transformers only prints a load report; tensors it leaves uninitialised would make a model of NaN.
-        problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-        if any(problems.values()):
-            listed = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:8]))}"
-                               + (f" and {len(v) - 8} more" if len(v) > 8 else "") for k, v in problems.items() if v)
-            raise ValueError(
-                f"{pretrained_model_name_or_path} does not hold the weights of a {cls.__name__} of its config "
-                f"({listed}). It was saved by another model or is incomplete; export the checkpoint again with "
-                "save_pretrained.")
-        _own_aligned_storage(model)
-        # The model was built on the meta device; a sampler made here holds real tensors.
-        default = FlowMatchingActionScheduler.from_config(model.scheduler.config)
-        model.scheduler, model.normalizer = _load_sidecars(pretrained_model_name_or_path, default, kwargs)
-        return (model, info) if wants_info else model
 
 
 class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
@@ -882,32 +722,7 @@ class ActionPriorModel(ActionCheckpointMixin, ActionPriorPreTrainedModel):
 
     # ------------------------------------------------------------------------------------ checks
     def _check_inputs(self, history, history_mask, dim_mask, actions=None, action_mask=None, state=None):
-        c = self.config
-        if history.ndim != 3 or history.shape[-1] != c.max_action_dim:
-            raise ValueError(
-                f"history must be (batch, steps, max_action_dim={c.max_action_dim}) normalized and padded; got "
-                f"shape {tuple(history.shape)}. Pad raw actions with ActionNormalizer.normalize first."
-            )
-        check_state(state, history.shape[0], c.max_state_dim)
-        if history.shape[1] > c.history_length:
-            raise ValueError(
-                f"history has {history.shape[1]} steps but this prior reads at most history_length="
-                f"{c.history_length}. Pass the last {c.history_length} actions."
-            )
-        if history_mask.shape != history.shape[:2]:
-            raise ValueError(f"history_mask must be {tuple(history.shape[:2])}; got {tuple(history_mask.shape)}.")
-        if dim_mask.shape != (history.shape[0], c.max_action_dim):
-            raise ValueError(f"dim_mask must be (batch, {c.max_action_dim}); got {tuple(dim_mask.shape)}.")
-        check_finite(history, "history")
-        if actions is not None:
-            if actions.shape[1:] != (c.chunk_size, c.max_action_dim) or actions.shape[0] != history.shape[0]:
-                raise ValueError(
-                    f"actions must be (batch={history.shape[0]}, chunk_size={c.chunk_size}, max_action_dim="
-                    f"{c.max_action_dim}) normalized and padded; got {tuple(actions.shape)}."
-                )
-            check_finite(actions, "actions")
-            if action_mask is not None and action_mask.shape != actions.shape[:2]:
-                raise ValueError(f"action_mask must be {tuple(actions.shape[:2])}; got {tuple(action_mask.shape)}.")
+        check_action_inputs(self.config, history, history_mask, dim_mask, actions, action_mask, state)
 
     # ------------------------------------------------------------------------------------ encoder
     def encode(
@@ -1097,100 +912,6 @@ def ensure_finite_actions(model: nn.Module, actions: torch.Tensor, inputs: dict[
                              "robot's actions in its own units, for the embodiment the statistics belong to.")
     raise ValueError("The model produced non-finite actions although its weights and inputs are finite; refusing to "
                      "return them. Check the inputs' scale and the checkpoint's normalization statistics.")
-
-
-CHECKSUMS_NAME = "weights_sha256.json"
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_checksums(folder: str) -> None:
-    """Record the sha256 of every weight file, so a truncated or altered file is caught at load time."""
-    import json
-
-    sums = {n: _sha256(os.path.join(folder, n)) for n in sorted(os.listdir(folder)) if n.endswith(".safetensors")}
-    with open(os.path.join(folder, CHECKSUMS_NAME), "w") as f:
-        json.dump(sums, f, indent=2)
-
-
-def _check_model_type(folder: str, cls) -> None:
-    """A clear error when ``folder`` holds another kind of checkpoint than ``cls`` loads (an ``actprior_vla`` folder
-    given where a prior is expected, say), before transformers tries to fit one into the other."""
-    import json
-
-    path = os.path.join(folder, "config.json")
-    expected = getattr(cls.config_class, "model_type", None)
-    if not expected or not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            found = json.load(f).get("model_type")
-    except (OSError, ValueError):
-        return  # transformers reports an unreadable config itself
-    if found and found != expected:
-        raise ValueError(f"{folder} is a {found} checkpoint; {cls.__name__} needs an {expected} one (its config.json "
-                         f"says model_type={found!r}). Pass the folder of a {expected} model.")
-
-
-def _verify_checksums(folder: str) -> None:
-    import json
-
-    path = os.path.join(folder, CHECKSUMS_NAME)
-    if not os.path.isfile(path):
-        logger.warning("%s has no %s: its weights cannot be checked against what was saved (verification off). "
-                       "Re-save it with save_pretrained to record them.", folder, CHECKSUMS_NAME)
-        return
-    try:
-        with open(path) as f:
-            sums = json.load(f)
-        if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
-            raise ValueError("expected a JSON object of file name -> sha256 hex digest")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a valid checksum file ({e}); re-save the checkpoint with save_pretrained, or "
-                         "delete the file to load without verification.") from None
-    root = os.path.realpath(folder)
-    for name, expected in sums.items():
-        file = os.path.realpath(os.path.join(folder, name))
-        if os.path.commonpath([root, file]) != root:
-            raise ValueError(f"{path} lists {name!r}, which lies outside the checkpoint folder: refused. A checksum "
-                             "file only names files inside its own checkpoint.")
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{file} is missing: {CHECKSUMS_NAME} lists it. Copy the whole checkpoint folder.")
-        if _sha256(file) != expected:
-            raise ValueError(
-                f"{file} does not match the sha256 recorded when the checkpoint was saved ({CHECKSUMS_NAME}): the "
-                "file was truncated or modified. Download or export the checkpoint again."
-            )
-
-
-def _load_sidecars(path, default_scheduler, kwargs):
-    """The scheduler and normalizer saved beside the weights (local folder or Hub repo), if present."""
-    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "force_download") if k in kwargs}
-    path = str(path)
-    scheduler, normalizer = default_scheduler, None
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, SCHEDULER_SUBFOLDER)):
-            scheduler = FlowMatchingActionScheduler.from_pretrained(path, subfolder=SCHEDULER_SUBFOLDER)
-        if os.path.isfile(os.path.join(path, ACTION_NORMALIZER_NAME)):
-            normalizer = ActionNormalizer.from_pretrained(path)
-        return scheduler, normalizer
-    from transformers.utils import cached_file
-
-    if cached_file(path, f"{SCHEDULER_SUBFOLDER}/{FlowMatchingActionScheduler.config_name}",
-                   _raise_exceptions_for_missing_entries=False, **hub):
-        scheduler = FlowMatchingActionScheduler.from_pretrained(path, subfolder=SCHEDULER_SUBFOLDER, **hub)
-    norm_file = cached_file(path, ACTION_NORMALIZER_NAME, _raise_exceptions_for_missing_entries=False, **hub)
-    if norm_file:
-        normalizer = ActionNormalizer.from_pretrained(norm_file)
-    return scheduler, normalizer
 
 
 def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

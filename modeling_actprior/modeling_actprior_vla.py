@@ -33,16 +33,16 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .action_space import ActionNormalizer, check_finite
+from .action_space import ActionNormalizer
 from .configuration_actprior import ActionPriorConfig
 from .configuration_actprior_vla import VLAWithPriorConfig
+from .inputs import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES, check_action_inputs  # noqa: F401 - keys re-exported
 from .modeling_actprior import (
     ActionCheckpointMixin,
     ActionHistoryEncoder,
     ActionPriorPreTrainedModel,
     ChunkGuidance,
     FlowMatchingActionDecoder,
-    check_state,
     default_scheduler,
     ensure_finite_actions,
     flow_matching_loss,
@@ -51,11 +51,6 @@ from .modeling_actprior import (
     shortcut_consistency_loss,
 )
 from .scheduling_flow_matching import FlowMatchingActionScheduler
-
-# Batch keys of the VLM inputs (the action keys are those of modeling_actprior).
-PIXEL_VALUES = "pixel_values"
-INPUT_IDS = "input_ids"
-ATTENTION_MASK = "attention_mask"
 
 # PaliGemma counts positions from 1; LLaVA (Llama) from 0.
 _POSITION_OFFSET = {"paligemma": 1}
@@ -316,26 +311,7 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
 
     # ------------------------------------------------------------------------------------ checks
     def _check_action_inputs(self, history, history_mask, dim_mask, actions=None, state=None, batch=None):
-        c = self.config.prior_config
-        check_state(state, batch, c.max_state_dim)
-        if history is not None:
-            if history.ndim != 3 or history.shape[-1] != c.max_action_dim or history.shape[1] > c.history_length:
-                raise ValueError(
-                    f"history must be (batch, steps <= history_length={c.history_length}, max_action_dim="
-                    f"{c.max_action_dim}) normalized and padded; got shape {tuple(history.shape)}."
-                )
-            if history_mask is not None and history_mask.shape != history.shape[:2]:
-                raise ValueError(f"history_mask must be {tuple(history.shape[:2])}; got {tuple(history_mask.shape)}.")
-            check_finite(history, "history")
-        if dim_mask is not None and dim_mask.shape[-1] != c.max_action_dim:
-            raise ValueError(f"dim_mask must be (batch, {c.max_action_dim}); got {tuple(dim_mask.shape)}.")
-        if actions is not None:
-            if actions.ndim != 3 or actions.shape[1:] != (c.chunk_size, c.max_action_dim):
-                raise ValueError(
-                    f"actions must be (batch, chunk_size={c.chunk_size}, max_action_dim={c.max_action_dim}) "
-                    f"normalized and padded; got {tuple(actions.shape)}."
-                )
-            check_finite(actions, "actions")
+        check_action_inputs(self.config.prior_config, history, history_mask, dim_mask, actions, state=state, batch=batch)
 
     # ------------------------------------------------------------------------------------ VLM prefix
     def prefix_embeddings(

@@ -31,10 +31,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from .action_space import ACTION_NORMALIZER_NAME, ActionNormalizer, check_finite
 from .configuration_actprior_vla import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
-
-# Keys of the processor's outputs (the action keys match modeling_actprior's batch keys).
-PIXEL_VALUES, INPUT_IDS, ATTENTION_MASK = "pixel_values", "input_ids", "attention_mask"
-HISTORY, HISTORY_MASK, DIM_MASK = "history", "history_mask", "dim_mask"
+from .inputs import ATTENTION_MASK, DIM_MASK, HISTORY, HISTORY_MASK, INPUT_IDS, PIXEL_VALUES
 
 
 def build_instruction_tokenizer(texts: Sequence[str], vocab_size: int = 512, image_token: str = IMAGE_TOKEN,
@@ -267,10 +264,6 @@ class ActionPriorProcessor(ProcessorMixin):
                 hist[i, k - h.shape[0]:] = norm.normalize(h, name)[0]
                 mask[i, k - h.shape[0]:] = True
         return {HISTORY: hist, HISTORY_MASK: mask, DIM_MASK: dims}
-
-    def decode_actions(self, normalized, embodiment: str) -> torch.Tensor:
-        """Normalized padded ``(..., D_max)`` -> raw ``(..., action_dim)`` for ``embodiment``."""
-        return self.action_normalizer.unnormalize(normalized, embodiment)
 
     @property
     def model_input_names(self) -> list[str]:

@@ -48,7 +48,8 @@ from .data import (
     select_episodes,
     split_episodes,
 )
-from .modeling_actprior_vla import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES, gaussian_kl_between
+from .inputs import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES
+from .modeling_actprior_vla import gaussian_kl_between
 
 FINAL_DIR, CHECKPOINT_DIR, TRAINER_STATE, WEIGHTS = "final", "checkpoints", "trainer_state.json", "model.safetensors"
 REPORT_JSON, REPORT_HTML = "latent_alignment.json", "index.html"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from synthetic import make_corpus, random_prior
 
 import modeling_actprior as ap
-from modeling_actprior.data.lerobot_format import STATS_PATH, check_replaceable
+from modeling_actprior.data.lerobot import STATS_PATH, check_replaceable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from modeling_actprior.training import stage1 as train_stage1  # noqa: E402
@@ -294,7 +294,7 @@ def test_truncated_episode_metadata_and_a_dataset_without_episodes_are_named(tmp
     import pyarrow.parquet as pq
 
     from modeling_actprior.data import load_lerobot_dataset
-    from modeling_actprior.data.lerobot_format import DatasetFormatError
+    from modeling_actprior.data.lerobot import DatasetFormatError
 
     root = make_corpus(tmp_path / "c", embodiments=("sawyer",), n_episodes=2, length=12)[0]
     cut = tmp_path / "cut"

@@ -11,7 +11,7 @@ import pytest
 
 import modeling_actprior as ap
 from modeling_actprior.data import load_lerobot_dataset
-from modeling_actprior.data.lerobot_format import DatasetFormatError, Episode, write_lerobot_dataset
+from modeling_actprior.data.lerobot import DatasetFormatError, Episode, write_lerobot_dataset
 from modeling_actprior.data.video import VideoEncoder, VideoError, VideoFrameCache, probe_video
 from modeling_actprior.data.windows import IMAGE, VLAWindowDataset
 
@@ -199,3 +199,26 @@ def test_stage2_trains_on_a_video_dataset(av1_dataset, tmp_path):
                                 str(tmp_path / "run"), "--max_steps", "2", "--batch_size", "4", "--camera", "wrist",
                                 "--no_progress", "--eval_every", "0", "--eval_windows", "4", "--log_every", "1"])
     assert result["step"] == 2 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_data_loader_workers_decode_after_the_parent_has(av1_dataset):
+    """DataLoader workers are forked: a frame conversion the parent ran on a threaded swscale context once made every
+    worker's first decode wait forever. The parent decodes first here, then a forked process must decode too."""
+    import faulthandler
+
+    from modeling_actprior.data.video import decode_span
+
+    ds = load_lerobot_dataset(av1_dataset)
+    key = ds.meta.camera_keys[0]
+    decode_span(*ds.meta.video_location(key, 0))
+    pid = os.fork()
+    if pid == 0:  # the child decodes, or its watchdog ends it (exit code 1) instead of hanging the suite
+        code = 2
+        try:
+            faulthandler.dump_traceback_later(60, exit=True)
+            decode_span(*ds.meta.video_location(key, 1))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the forked decoder hung (its watchdog stopped it) or failed"

@@ -1,6 +1,6 @@
 """Data layer: LeRobot v3.0 datasets on disk and action-window training views."""
 
-from .lerobot_format import (
+from .lerobot import (
     ACTION_KEY,
     CODEBASE_VERSION,
     IMAGE_KEY_PREFIX,

@@ -74,6 +74,7 @@ class VideoEncoder:
         av = _av()
         for frame in frames:
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame, dtype=np.uint8), format="rgb24")
+            vf = vf.reformat(format=PIX_FMT, threads=1)  # single-threaded swscale: fork-safe (see decode_span)
             vf.pts = self.frames_written
             self.frames_written += 1
             for packet in self._stream.encode(vf):
@@ -168,7 +169,9 @@ def decode_span(path: str, start_s: float, end_s: float, where: str = "") -> tup
                 if t > end_s + period:
                     break
                 times.append(t)
-                frames.append(frame.to_ndarray(format="rgb24"))
+                # threads=1: a threaded swscale context in a process that later forks (DataLoader workers) leaves
+                # the child's first conversion waiting forever on the parent's threads.
+                frames.append(frame.to_ndarray(format="rgb24", threads=1))
     except av.error.FFmpegError as e:
         raise VideoError(f"{path}{ctx}: decoding failed ({type(e).__name__}: {e}); the file is truncated or "
                          "damaged.") from None

@@ -26,11 +26,11 @@ import torch
 
 from ..action_space import ActionNormalizer, EmbodimentStats
 
-# Batch keys. The model's own inputs are defined once, beside the model that reads them:
+# Batch keys. The model's own inputs are defined once, in ``modeling_actprior.inputs``:
 # history (K, D_max) float32 normalized past actions; history_mask (K,) bool; actions (H, D_max) float32
 # normalized future chunk; action_mask (H,) bool; dim_mask (D_max,) bool; embodiment str;
 # state (max_state_dim,) float32 standardized state of frame t.
-from ..modeling_actprior import (
+from ..inputs import (
     ACTION_MASK,
     ACTIONS,
     DIM_MASK,
@@ -39,7 +39,7 @@ from ..modeling_actprior import (
     HISTORY_MASK,
     STATE,
 )
-from .lerobot_format import (
+from .lerobot import (
     ACTION_KEY,
     IMAGE_KEY_PREFIX,
     STATE_KEY,

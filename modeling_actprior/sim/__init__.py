@@ -72,7 +72,7 @@ class EpisodeResult:
 
 @dataclass
 class _StandaloneEpisode:
-    """Same fields as ``modeling_actprior.data.lerobot_format.Episode``; used only where that is not installed."""
+    """Same fields as ``modeling_actprior.data.lerobot.Episode``; used only where that is not installed."""
 
     actions: Any
     states: Any
@@ -86,9 +86,9 @@ def make_episode(actions, states, task: str, images: dict[str, Any] | None = Non
     import numpy as np
 
     try:
-        from modeling_actprior.data.lerobot_format import Episode
+        from modeling_actprior.data.lerobot import Episode
     except ModuleNotFoundError as e:  # the data layer is optional for running the experts alone
-        if e.name not in ("modeling_actprior.data", "modeling_actprior.data.lerobot_format"):
+        if e.name not in ("modeling_actprior.data", "modeling_actprior.data.lerobot"):
             raise
         Episode = _StandaloneEpisode
 

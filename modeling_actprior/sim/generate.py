@@ -143,7 +143,7 @@ def generate(
     if video is not None and image_size is None:
         raise ValueError("video needs a camera: pass image_size (--image-size) too.")
     _check_installed(sim)
-    from modeling_actprior.data.lerobot_format import LeRobotDatasetWriter, check_replaceable, undo_interrupted_writes
+    from modeling_actprior.data.lerobot import LeRobotDatasetWriter, check_replaceable, undo_interrupted_writes
 
     image_size = int(image_size) if image_size is not None else None
     out = os.path.abspath(os.fspath(out))
@@ -265,7 +265,7 @@ def _written_by(root: str, request: dict) -> bool:
     """True if ``root`` is a complete, self-consistent dataset that ``generate`` wrote for ``request`` (the
     ``actprior.generator`` block of its meta/info.json holds the same sim, robot, tasks, episodes, seed, image size
     and max attempts). The writer renames a dataset into place only once it is complete."""
-    from modeling_actprior.data.lerobot_format import DatasetFormatError, LeRobotDatasetMeta
+    from modeling_actprior.data.lerobot import DatasetFormatError, LeRobotDatasetMeta
 
     try:
         meta = LeRobotDatasetMeta(root)

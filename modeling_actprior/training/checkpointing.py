@@ -192,7 +192,7 @@ def _register_for_sharded_checkpointing(accelerator, lr_scheduler) -> None:
 
 
 def _sha256_tree(folder: str, skip: str = CHECKSUMS) -> dict[str, str]:
-    from modeling_actprior.modeling_actprior import _sha256
+    from ..modeling_checkpoint import _sha256
 
     sums = {}
     for dirpath, _, files in os.walk(folder):

@@ -52,6 +52,7 @@ from modeling_actprior.data import (
     split_episodes,
 )
 from modeling_actprior.evaluation import repeat_last_action
+from modeling_actprior.inputs import HISTORY, HISTORY_MASK
 from modeling_actprior.training import (
     PreemptionGuard,
     add_config_field_arguments,
@@ -65,8 +66,6 @@ from modeling_actprior.training import (
     endless_batches,
     fixed_val_batches,
     jsonable,
-    markdown_table,
-    model_card_template,
     parse_dataset_specs,
     parse_with_yaml,
     plot_curves,
@@ -343,7 +342,7 @@ def evaluate_vla(model, val_sets, collate, max_windows: int, seed: int, batch_si
             b = collate([ds[int(i)] for i in idx[lo:lo + batch_size]])
             b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
             pred = model.predict_action(**b, generator=gen)
-            hold = repeat_last_action(b[ap.modeling_actprior.HISTORY], b[ap.modeling_actprior.HISTORY_MASK],
+            hold = repeat_last_action(b[HISTORY], b[HISTORY_MASK],
                                       model.config.prior_config.chunk_size)
             w = b["dim_mask"][:, None, :].float() * b["action_mask"][..., None].float()
             for name, p in (("vla", pred), ("repeat_last", hold)):
@@ -370,53 +369,23 @@ def _finish(args, accelerator, model, processor, corpus, history, val_sets) -> d
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         # A zero KD loss (after the schedule, or a baseline without KD) has no place on a log axis.
-        curve = plot_curves([{k: v for k, v in h.items() if not (k in ("kd_loss", "kd_weight") and v <= 0)}
-                             for h in history], ["loss", "bc_loss", "kd_loss", "kd_weight", "val_bc_loss"],
-                            os.path.join(folder, "loss_curve.png"), "Stage 2 VLA with action prior")
+        plot_curves([{k: v for k, v in h.items() if not (k in ("kd_loss", "kd_weight") and v <= 0)}
+                     for h in history], ["loss", "bc_loss", "kd_loss", "kd_weight", "val_bc_loss"],
+                    os.path.join(folder, "loss_curve.png"), "Stage 2 VLA with action prior")
         with open(os.path.join(folder, "eval_results.json"), "w") as f:
             json.dump({"evaluation": evaluation, "corpus": corpus, "history": history}, f, indent=2)
-        _write_card(folder, model, corpus, evaluation, history, args, curve, lora_r)
+        _write_card(folder, args)
     for emb, row in evaluation.items():
         logger.info("%s: VLA MSE %.4f | repeat-last %.4f", emb, row["vla_mse"], row["repeat_last_mse"])
     return {"final": final, "evaluation": evaluation}
 
 
-def _write_card(final, model, corpus, evaluation, history, args, curve, lora_r) -> None:
-    from huggingface_hub import ModelCard, ModelCardData
+def _write_card(final, args) -> None:
+    """The model card of ``final/`` (the same renderer as the Hub's, from what the folder holds)."""
+    from modeling_actprior.hub import build_model_card
 
-    config = model.config
-    embodiments = sorted({d["embodiment"] for d in corpus["datasets"]})
-    rows = [{"embodiment": e, **evaluation[e]} for e in sorted(evaluation)]
-    data = ModelCardData(library_name="transformers", pipeline_tag="robotics", license="apache-2.0",
-                         base_model=config.base_vlm if config.base_vlm and not os.path.isdir(config.base_vlm) else None,
-                         tags=["robotics", "vision-language-action", "action-prior", "flow-matching", "actprior",
-                               config.vlm_config.model_type, *embodiments])
-    switches = {k: getattr(config, k) for k in ("use_prior_decoder", "history_token", "freeze_history_encoder",
-                                                 "distill_weight", "distill_hold_steps", "distill_decay_steps",
-                                                 "distill_decay", "latent_conditioning", "action_head_lr_multiplier")}
-    card = ModelCard.from_template(
-        data, template_path=model_card_template("actprior_vla.md"),
-        embodiments=embodiments,
-        vlm_type=config.vlm_config.model_type,
-        preset=f"pretrained VLM `{config.base_vlm}`" if config.base_vlm else args.model_preset,
-        baseline=(args.baseline or "full") + (" + overrides" if any(getattr(args, k, None) is not None
-                                                                     for k in switches) else ""),
-        switches_table=markdown_table([{"switch": k, "value": v} for k, v in switches.items()], ["switch", "value"]),
-        corpus_table=markdown_table(corpus["datasets"], ["embodiment", "episodes", "frames", "train_episodes",
-                                                         "val_episodes", "weight"]),
-        camera=corpus["camera"],
-        eval_table=markdown_table(rows, ["embodiment", "windows", "vla_mse", "repeat_last_mse"]) if rows
-        else "_no held-out episodes_",
-        parameters=model.num_parameters(),
-        lora=f"LoRA r={lora_r} (merged into the exported weights; adapters in `lora_adapters/`)" if lora_r
-        else "full fine-tuning (no LoRA)",
-        steps=history[-1]["step"] if history else 0,
-        final_loss=history[-1]["loss"] if history else float("nan"),
-        final_bc_loss=history[-1]["bc_loss"] if history else float("nan"),
-        loss_curve="loss_curve.png" if curve else None,
-        prior=args.prior,
-        command="accelerate launch training_scripts/train_stage2.py " + " ".join(sys.argv[1:]),
-    )
+    card = build_model_card(final, prior=args.prior,
+                            command="accelerate launch training_scripts/train_stage2.py " + " ".join(sys.argv[1:]))
     card.save(os.path.join(final, "README.md"))
 
 
