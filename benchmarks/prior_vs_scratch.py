@@ -33,7 +33,8 @@ MARK_START, MARK_END = "<!-- prior-vs-scratch:start -->", "<!-- prior-vs-scratch
 
 
 def main(argv=None) -> int:
-    from modeling_actprior.study import BUDGETS, VARIANTS, markdown_summary, run_study, write_figures
+    from modeling_actprior.reports import markdown_summary, write_figures
+    from modeling_actprior.study import BUDGETS, VARIANTS, run_study
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")

@@ -36,10 +36,10 @@ from modeling_actprior.data import (
     load_lerobot_dataset,
     write_lerobot_dataset,
 )
+from modeling_actprior.training import stage1 as train_stage1
+from modeling_actprior.training import stage2 as train_stage2
 
 ROOT = Path(__file__).resolve().parents[1]
-from modeling_actprior.training import stage1 as train_stage1  # noqa: E402
-from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 STAGE1 = ["--model_preset", "tiny", "--chunk_size", "8", "--history_length", "4", "--batch_size", "8",
           "--eval_every", "0", "--val_fraction", "0", "--no_progress", "--eval_windows", "8"]

@@ -37,10 +37,10 @@ from modeling_actprior.training import (
     verify_checkpoint,
     write_json,
 )
+from modeling_actprior.training import stage1 as train_stage1
+from modeling_actprior.training import stage2 as train_stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from modeling_actprior.training import stage1 as train_stage1  # noqa: E402
-from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 TINY1 = ["--model_preset", "tiny", "--chunk_size", "8", "--history_length", "4", "--batch_size", "16", "--log_every",
          "2", "--eval_every", "0", "--no_progress", "--eval_windows", "16", "--seed", "3"]

@@ -23,9 +23,9 @@ from transformers import (
 import modeling_actprior as ap
 from modeling_actprior.configuration_actprior_vla import VLA_PRESETS, _vlm
 from modeling_actprior.processing_actprior import build_instruction_tokenizer
+from modeling_actprior.training import stage2 as train_stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 LLAVA_TEMPLATE = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
                   "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"

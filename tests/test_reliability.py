@@ -16,9 +16,9 @@ from synthetic import make_corpus, random_prior
 
 import modeling_actprior as ap
 from modeling_actprior.data.lerobot import STATS_PATH, check_replaceable
+from modeling_actprior.training import stage1 as train_stage1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from modeling_actprior.training import stage1 as train_stage1  # noqa: E402
 
 TINY = ["--model_preset", "tiny", "--chunk_size", "8", "--history_length", "4", "--batch_size", "8",
         "--log_every", "2", "--eval_every", "0", "--no_progress", "--eval_windows", "16", "--seed", "3"]

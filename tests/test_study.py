@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import modeling_actprior as ap
-from modeling_actprior import study
+from modeling_actprior import reports, study
 from modeling_actprior.data import load_lerobot_dataset, select_episodes, split_episodes
 
 
@@ -141,9 +141,9 @@ def test_summary_pools_seeds_with_wilson_intervals_and_finds_steps_to_the_baseli
     assert full["final"]["seed_rates"] == pytest.approx([0.9, 0.7])
     # scratch ends at 8/20 = 0.4; full is at 6/20 = 0.3 at step 100 and 11/20 at step 200
     assert full["steps_to_baseline_final"] == 200 and scratch["steps_to_baseline_final"] == 300
-    table = study.markdown_summary(summary)
+    table = reports.markdown_summary(summary)
     assert "0.80 [" in table and "0.40 [" in table and "| full method (+ history token) |" in table
-    figs = study.write_figures(str(tmp_path), summary)
+    figs = reports.write_figures(str(tmp_path), summary)
     assert set(figs) == {"curves", "final"} and all(os.path.getsize(p) > 0 for p in figs.values())
 
 

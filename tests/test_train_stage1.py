@@ -16,10 +16,10 @@ from transformers import AutoModel
 import modeling_actprior as ap
 from modeling_actprior.evaluation import repeat_last_action
 from modeling_actprior.metrics import ACTION_ERROR_METRIC
+from modeling_actprior.training import stage1 as train_stage1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "training_scripts", "train_stage1.py")
-from modeling_actprior.training import stage1 as train_stage1  # noqa: E402
 
 TINY = ["--model_preset", "tiny", "--chunk_size", "8", "--history_length", "4", "--batch_size", "16",
         "--log_every", "2", "--eval_every", "4", "--no_progress", "--eval_windows", "64", "--seed", "3"]

@@ -10,9 +10,10 @@ from transformers import AutoModel, AutoProcessor
 
 import modeling_actprior as ap
 from modeling_actprior.data import fit_normalizer, load_lerobot_dataset
+from modeling_actprior.training import loop as training_loop
+from modeling_actprior.training import stage2 as train_stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 TINY = ["--model_preset", "tiny", "--batch_size", "4", "--log_every", "2", "--eval_every", "2", "--no_progress",
         "--eval_windows", "8", "--seed", "3"]
@@ -86,7 +87,7 @@ def test_resume_after_preemption_reaches_the_same_weights_as_an_uninterrupted_ru
             "--distill_hold_steps", "2", "--distill_decay_steps", "2", "--val_fraction", "0", *TINY]
     train_stage2.main([*args, "--output_dir", str(tmp_path / "full")])
 
-    class PreemptedAtStep2(train_stage2.PreemptionGuard):
+    class PreemptedAtStep2(training_loop.PreemptionGuard):
         """SIGTERM arrives during step 2: the loop checks `requested` once per step."""
 
         checks = 0
@@ -100,7 +101,7 @@ def test_resume_after_preemption_reaches_the_same_weights_as_an_uninterrupted_ru
         def requested(self, value):
             pass
 
-    monkeypatch.setattr(train_stage2, "PreemptionGuard", PreemptedAtStep2)
+    monkeypatch.setattr(training_loop, "PreemptionGuard", PreemptedAtStep2)  # the loop both stages run
     cut = tmp_path / "cut"
     first = train_stage2.main([*args, "--output_dir", str(cut)])
     assert first["interrupted"] and first["step"] == 2 and not (cut / "final").exists()

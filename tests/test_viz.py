@@ -11,9 +11,9 @@ import modeling_actprior as ap
 from modeling_actprior import viz
 from modeling_actprior.cli import main as cli_main
 from modeling_actprior.data import fit_normalizer, load_lerobot_dataset, split_episodes, write_lerobot_dataset
+from modeling_actprior.training import stage2 as train_stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from modeling_actprior.training import stage2 as train_stage2  # noqa: E402
 
 TASKS = ("reach the goal", "push the block")
 SEED, VAL_FRACTION = 3, 0.5  # held-out episodes [2, 3] of 4: one of each task per robot

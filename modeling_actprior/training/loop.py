@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -193,9 +194,151 @@ def validation_loss(model, batches: list[dict], device, seed: int, loss_key: str
 
 
 def ranks_agree(accelerator, model) -> bool:
-    """True when every process holds bit-identical weights (DDP must keep them so). Call on every rank."""
-    flat = torch.cat([p.detach().float().flatten() for p in accelerator.unwrap_model(model).parameters()])
-    weights = (torch.arange(flat.numel(), device=flat.device) % 9973).float()
-    digest = torch.stack([flat.sum(), (flat * weights).sum()])
+    """True when every process holds bit-identical trainable weights (DDP must keep them so; frozen ones never change).
+    One parameter at a time, so no copy of the whole model is made. Call on every rank."""
+    params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+    digest = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    for i, p in enumerate(params):
+        flat = p.detach().flatten().double()
+        weights = (torch.arange(flat.numel(), device=flat.device) + i) % 9973
+        digest += torch.stack([flat.sum(), (flat * weights).sum()]).to(digest.device)
     gathered = accelerator.gather(digest[None]).reshape(-1, 2)
     return bool(torch.all(gathered == gathered[0]))
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def make_accelerator(args):
+    """The run's ``Accelerator`` from the shared options. Without any accelerator device it says so (``cpu=True``):
+    then ``accelerate launch --multi_gpu --num_processes N`` is real DDP over gloo."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    return Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=os.path.join(args.output_dir, "logs")),
+    )
+
+
+def global_batch(args, accelerator, train_sets: Sequence, more: str) -> tuple[int, int]:
+    """``(windows per optimizer step and accumulation micro-step over all processes, training windows)``; refuses a
+    global batch larger than the corpus (``more``: how to get more data)."""
+    per_step = args.batch_size * accelerator.num_processes
+    total = sum(len(t) for t in train_sets)
+    if per_step * args.gradient_accumulation_steps > total:
+        raise ValueError(
+            f"A global batch of {per_step * args.gradient_accumulation_steps} windows (batch_size {args.batch_size} x "
+            f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation) exceeds the "
+            f"{total} training windows of the corpus. Lower --batch_size or {more}."
+        )
+    return per_step, total
+
+
+def train(args, accelerator, *, stage: str, model, optimizer, lr_scheduler, train_data, collate, val_sets: dict,
+          val_loss: str, logged: Sequence[str], forward_kwargs=None, after_step=None,
+          postfix: Sequence[str] = ("loss",)) -> tuple[dict, list[dict]]:
+    """The one training loop of both stages, on a prepared ``model`` / ``optimizer``: resume (or start), the
+    resumable data order, gradient accumulation, clipping, the non-finite-loss stop, logging (running means of the
+    outputs named in ``logged``, the learning rate, the data-wait share, ``val_<val_loss>`` every ``--eval_every``
+    steps), checkpoints every ``--checkpoint_every`` steps and at the end, SIGTERM (a last checkpoint, then stop),
+    and the ranks' agreement. Call on every rank.
+
+    A stage supplies its batches (``train_data``, a ``MixtureDataset``, and ``collate``), ``forward_kwargs(step)``
+    (extra model arguments, e.g. the step of a schedule) and ``after_step(step)`` (after each optimizer step).
+    Returns ``(result, history)``: ``result`` has ``step``, ``interrupted``, ``ranks_identical``,
+    ``num_processes``, ``windows_per_second`` and ``data_wait_fraction``.
+    """
+    from tqdm.auto import tqdm
+
+    from .checkpointing import save_checkpoint, start_or_resume
+    from .options import jsonable
+
+    state = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    step, history = start_or_resume(accelerator, args.output_dir, args.resume_from_checkpoint,
+                                    args.overwrite_output_dir, **state, options=jsonable(vars(args)))
+    per_step = args.batch_size * accelerator.num_processes
+    consumed = step * args.gradient_accumulation_steps * per_step
+    batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
+                              accelerator.num_processes, collate, args.num_workers)
+    val_batches = fixed_val_batches(val_sets, args.batch_size, collate, seed=args.seed)
+    if accelerator.is_main_process:
+        accelerator.init_trackers(f"actprior-{stage}", config={k: v for k, v in vars(args).items()
+                                                               if isinstance(v, (int, float, str, bool))})
+
+    guard = PreemptionGuard()
+    start_step = step
+    bar = tqdm(total=args.max_steps, initial=step, desc=stage,
+               disable=args.no_progress or not accelerator.is_main_process)
+    model.train()
+    data_wait = compute = 0.0
+    running: dict[str, float] = {}
+    interrupted = False
+    accumulation = args.gradient_accumulation_steps
+    while step < args.max_steps:
+        for _ in range(accumulation):
+            t0 = time.perf_counter()
+            batch = to_device(next(batches), accelerator.device)
+            t1 = time.perf_counter()
+            with accelerator.accumulate(model):
+                out = model(**batch, **(forward_kwargs(step) if forward_kwargs else {}))
+                check_finite_loss(out.loss, step, batch, args.output_dir)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            data_wait += t1 - t0
+            compute += time.perf_counter() - t1
+            for k in logged:
+                if getattr(out, k, None) is not None:  # e.g. shortcut_loss: shortcut models only
+                    running[k] = running.get(k, 0.0) + getattr(out, k).item() / accumulation
+        lr_scheduler.step()
+        step += 1
+        if after_step is not None:
+            after_step(step)
+        bar.update(1)
+
+        if step % args.log_every == 0 or step == args.max_steps:
+            n = args.log_every if step % args.log_every == 0 else step % args.log_every
+            logs = {k: v / n for k, v in running.items()}
+            logs.update(lr=lr_scheduler.get_last_lr()[0], data_wait_fraction=data_wait / max(1e-9, data_wait + compute))
+            running = {}
+            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps) and val_batches:
+                logs[f"val_{val_loss}"] = validation_loss(model, val_batches, accelerator.device, args.seed, val_loss)
+            accelerator.log(logs, step=step)
+            history.append({"step": step, **{k: float(v) for k, v in logs.items()}})
+            bar.set_postfix({k: f"{logs[k]:.4g}" for k in postfix if k in logs})
+            if bar.disable and accelerator.is_main_process:
+                logger.info("step %d/%d %s", step, args.max_steps, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+
+        stop_now = guard.requested
+        if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
+            save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": jsonable(vars(args))},
+                            keep_last=args.keep_last, **state)
+        if stop_now:
+            logger.warning("SIGTERM received: checkpoint written at step %d; resume with --resume_from_checkpoint latest",
+                           step)
+            interrupted = True
+            break
+    bar.close()
+    guard.close()
+
+    timed = max(1e-9, data_wait + compute)
+    result = {"step": step, "interrupted": interrupted, "ranks_identical": ranks_agree(accelerator, model),
+              "num_processes": accelerator.num_processes,
+              "windows_per_second": (step - start_step) * per_step * accumulation / timed,
+              "data_wait_fraction": data_wait / timed}
+    return result, history
+
+
+def end_run(args, accelerator, result: dict) -> dict:
+    """Write ``run_summary.json`` (main process) and tear the processes down; returns ``result``. Call on every rank."""
+    from .atomic_io import write_json
+
+    if accelerator.is_main_process:
+        write_json(os.path.join(args.output_dir, "run_summary.json"), result)
+    close_distributed(accelerator)
+    return result

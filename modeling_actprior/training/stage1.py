@@ -21,13 +21,10 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 import modeling_actprior as ap
@@ -43,32 +40,23 @@ from modeling_actprior.data import (
 )
 from modeling_actprior.evaluation import evaluate_prior, mean_chunk
 from modeling_actprior.training import (
-    PreemptionGuard,
     add_config_field_arguments,
     add_training_arguments,
     atomic_folder,
     check_chunk_fits,
-    check_finite_loss,
     check_output_dir_writable,
-    close_distributed,
     config_field_names,
-    endless_batches,
-    fixed_val_batches,
-    jsonable,
     markdown_table,
     model_card_template,
     parse_dataset_specs,
     parse_with_yaml,
     plot_curves,
-    ranks_agree,
-    save_checkpoint,
-    start_or_resume,
-    to_device,
-    validation_loss,
-    write_json,
 )
+from modeling_actprior.training.loop import end_run, global_batch, make_accelerator, train
 
 logger = logging.getLogger("actprior.stage1")
+
+LOGGED = ("loss", "flow_loss", "kl_loss", "shortcut_loss")  # outputs averaged into the logs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,26 +122,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = build_config(args, field_names)
     train_sets, weights, val_sets, normalizer, corpus = build_data(args, config)
 
-    accelerator = Accelerator(
-        # Without any accelerator device, say so: then `--multi_gpu --num_processes N` is real DDP over gloo.
-        cpu=not torch.accelerator.is_available(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")),
-    )
+    accelerator = make_accelerator(args)
     if accelerator.is_main_process:
         check_output_dir_writable(args.output_dir)
 
     # ---------------------------------------------------------------- build
-    per_step = args.batch_size * accelerator.num_processes
-    total_windows = sum(len(t) for t in train_sets)
-    if per_step * args.gradient_accumulation_steps > total_windows:
-        raise ValueError(
-            f"A global batch of {per_step * args.gradient_accumulation_steps} windows (batch_size {args.batch_size} x "
-            f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation) exceeds the "
-            f"{total_windows} training windows of the corpus. Lower --batch_size or generate more episodes."
-        )
+    per_step, total_windows = global_batch(args, accelerator, train_sets, "generate more episodes")
     # An epoch is a whole number of global batches, drawn from the datasets with the mixture weights.
     train_data = MixtureDataset(train_sets, weights, num_samples=total_windows // per_step * per_step, seed=args.seed)
     model = ap.ActionPriorModel(config)
@@ -161,92 +135,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps,
                                  num_training_steps=args.max_steps)
-    # The LR scheduler is stepped once per optimizer step by us (not by accelerate, which would step it once per
-    # process), and saved with the model and optimizer in every checkpoint.
+    # The LR scheduler is stepped once per optimizer step by the loop (not by accelerate, which would step it once
+    # per process), and saved with the model and optimizer in every checkpoint.
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
-
-    step, history = start_or_resume(accelerator, args.output_dir, args.resume_from_checkpoint,
-                                    args.overwrite_output_dir, **state, options=jsonable(vars(args)))
-
-    consumed = step * args.gradient_accumulation_steps * per_step
-    batches = endless_batches(train_data, args.batch_size, consumed, accelerator.process_index,
-                              accelerator.num_processes, collate_windows, args.num_workers)
-    val_batches = fixed_val_batches(val_sets, args.batch_size, collate_windows, seed=args.seed)
-
     if accelerator.is_main_process:
-        accelerator.init_trackers("actprior-stage1", config={k: v for k, v in vars(args).items()
-                                                              if isinstance(v, (int, float, str, bool))})
         logger.info("corpus: %s", json.dumps(corpus["datasets"]))
-        logger.info("model: %d parameters (%s preset); %d training windows", model.num_parameters()
-                    if hasattr(model, "num_parameters") else 0, args.model_preset, total_windows)
+        logger.info("model: %d parameters (%s preset); %d training windows",
+                    accelerator.unwrap_model(model).num_parameters(), args.model_preset, total_windows)
 
     # ---------------------------------------------------------------- train
-    guard = PreemptionGuard()
-    start_step = step
-    bar = tqdm(total=args.max_steps, initial=step, desc="stage1", disable=args.no_progress or not accelerator.is_main_process)
-    model.train()
-    data_wait = compute = 0.0
-    running: dict[str, float] = {}
-    interrupted = False
-    while step < args.max_steps:
-        for _ in range(args.gradient_accumulation_steps):
-            t0 = time.perf_counter()
-            batch = to_device(next(batches), accelerator.device)
-            t1 = time.perf_counter()
-            with accelerator.accumulate(model):
-                out = model(**batch)
-                check_finite_loss(out.loss, step, batch, args.output_dir)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            data_wait += t1 - t0
-            compute += time.perf_counter() - t1
-            for k in ("loss", "flow_loss", "kl_loss", "shortcut_loss"):
-                if getattr(out, k) is not None:  # shortcut_loss: shortcut models only
-                    running[k] = running.get(k, 0.0) + getattr(out, k).item() / args.gradient_accumulation_steps
-        lr_scheduler.step()
-        step += 1
-        bar.update(1)
-
-        if step % args.log_every == 0 or step == args.max_steps:
-            logs = {k: v / args.log_every if step % args.log_every == 0 else v / (step % args.log_every)
-                    for k, v in running.items()}
-            logs.update(lr=lr_scheduler.get_last_lr()[0], data_wait_fraction=data_wait / max(1e-9, data_wait + compute))
-            running = {}
-            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps) and val_batches:
-                logs["val_flow_loss"] = validation_loss(model, val_batches, accelerator.device, args.seed, "flow_loss")
-            accelerator.log(logs, step=step)
-            history.append({"step": step, **{k: float(v) for k, v in logs.items()}})
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if bar.disable and accelerator.is_main_process:
-                logger.info("step %d/%d %s", step, args.max_steps, " ".join(f"{k}={v:.4g}" for k, v in logs.items()))
-
-        stop_now = guard.requested
-        if step % args.checkpoint_every == 0 or step == args.max_steps or stop_now:
-            save_checkpoint(accelerator, args.output_dir, step, {"history": history, "args": jsonable(vars(args))},
-                            keep_last=args.keep_last, **state)
-        if stop_now:
-            logger.warning("SIGTERM received: checkpoint written at step %d; resume with --resume_from_checkpoint latest", step)
-            interrupted = True
-            break
-    bar.close()
-    guard.close()
-
-    identical = ranks_agree(accelerator, model)
-    steps_run = step - start_step
-    result = {"step": step, "interrupted": interrupted, "ranks_identical": identical,
-              "num_processes": accelerator.num_processes,
-              "windows_per_second": steps_run * per_step * args.gradient_accumulation_steps / max(1e-9, data_wait + compute),
-              "data_wait_fraction": data_wait / max(1e-9, data_wait + compute)}
-    if not interrupted:
+    result, history = train(args, accelerator, stage="stage1", model=model, optimizer=optimizer,
+                            lr_scheduler=lr_scheduler, train_data=train_data, collate=collate_windows,
+                            val_sets=val_sets, val_loss="flow_loss", logged=LOGGED)
+    if not result["interrupted"]:
         result.update(_finish(args, accelerator, model, config, corpus, history, val_sets, train_sets))
-    if accelerator.is_main_process:
-        write_json(os.path.join(args.output_dir, "run_summary.json"), result)
-    close_distributed(accelerator)
-    return result
+    return end_run(args, accelerator, result)
 
 
 def _finish(args, accelerator, model, config, corpus, history, val_sets, train_sets) -> dict:
