@@ -13,7 +13,7 @@ trained at several sizes for the data-scaling axis.
 
 Writes into ``--out``: ``summary.json``, ``success_vs_steps.png``, ``final_success.png``, ``stage1_scaling.png``,
 ``prior_vs_scratch.md``; copies the JSON and table to ``benchmarks/results/`` and, with ``--update-readme``, puts the
-table into README.md between the ``prior-vs-scratch`` markers. Rerunning resumes: finished runs are reused.
+table into ``docs/study.md`` between the ``prior-vs-scratch`` markers. Rerunning resumes: finished runs are reused.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2, help="simulator processes for data generation")
     p.add_argument("--seeds", default=None, help="comma-separated Stage-2 seeds (default: the budget's)")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--update-readme", action="store_true", help="write the table into README.md")
+    p.add_argument("--update-docs", "--update-readme", dest="update_readme", action="store_true",
+                   help="write the table into docs/study.md (the report page the README links)")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
@@ -83,15 +84,16 @@ def main(argv=None) -> int:
     for key, path in figures.items():
         shutil.copy(path, os.path.join(docs, f"prior_vs_scratch_{args.budget}_{key}.png"))
     if args.update_readme:
-        update_readme(os.path.join(ROOT, "README.md"), text, args.budget)
+        update_readme(os.path.join(ROOT, "docs", "study.md"), text, args.budget)
     return 1 if summary.get("failed_jobs") else 0
 
 
 def update_readme(path: str, text: str, budget: str) -> None:
-    """Replace the block between the markers (the figures are the docs/ copies of this run's PNGs)."""
+    """Replace the block between the markers of the report page ``docs/study.md`` (the figures are the docs/ copies
+    of this run's PNGs, beside it)."""
     from modeling_actprior.training.reporting import replace_readme_block
 
-    figs = "\n\n".join(f"![{k}](docs/prior_vs_scratch_{budget}_{k}.png)" for k in ("curves", "final", "scaling")
+    figs = "\n\n".join(f"![{k}](prior_vs_scratch_{budget}_{k}.png)" for k in ("curves", "final", "scaling")
                        if os.path.isfile(os.path.join(ROOT, "docs", f"prior_vs_scratch_{budget}_{k}.png")))
     replace_readme_block(path, MARK_START, MARK_END, f"{text}\n{figs}")
 

@@ -2,7 +2,7 @@
 """Real-time control, proved in closed loop: few-step action generation and real-time chunking (RTC).
 
     python benchmarks/realtime.py                  # ~1 h on a 2-core CPU; resumable
-    python benchmarks/realtime.py --update-readme  # and put the tables into README.md
+    python benchmarks/realtime.py --update-docs  # and put the tables into docs/realtime.md
 
 One run, the study's quickstart setting (the three easy MT10 tasks, 10 demonstrations per task, the Stage-1 corpus of
 the quickstart, the ``decoder+kd+slowhead`` Stage-2 recipe), two Stage-2 training seeds, and two priors:
@@ -23,7 +23,7 @@ Measured on each Stage-2 run:
    naive switching vs RTC: success and the mean squared action change at chunk switches (vs within chunks).
 
 Writes ``--out``/``realtime.json`` and ``realtime.md``, copies both to ``benchmarks/results/``, the figure to
-``docs/realtime.png``, and with ``--update-readme`` the tables into README.md between the ``realtime`` markers.
+``docs/realtime.png``, and with ``--update-docs`` the tables into ``docs/realtime.md`` between the ``realtime`` markers.
 """
 
 from __future__ import annotations
@@ -292,7 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1", help="Stage-2 training seeds")
     p.add_argument("--episodes", type=int, default=10, help="closed-loop episodes per task and setting")
     p.add_argument("--jobs", type=int, default=None, help="processes in parallel (default: CPU cores)")
-    p.add_argument("--update-readme", action="store_true")
+    p.add_argument("--update-docs", "--update-readme", dest="update_readme", action="store_true",
+                   help="put the tables into docs/realtime.md (the report page the README links)")
     args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = os.path.abspath(args.out)
@@ -359,7 +360,7 @@ def main(argv=None) -> int:
     if args.update_readme:
         from modeling_actprior.training.reporting import replace_readme_block
 
-        replace_readme_block(os.path.join(ROOT, "README.md"), MARK_START, MARK_END, text)
+        replace_readme_block(os.path.join(ROOT, "docs", "realtime.md"), MARK_START, MARK_END, text)
     return 0
 
 

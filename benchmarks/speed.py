@@ -4,7 +4,7 @@ of the history token, training throughput against the data loader, and the machi
 
     python benchmarks/speed.py --quick                 # tiny preset, 64 px, chunk 16 (a few minutes on 2 cores)
     python benchmarks/speed.py                         # tiny + small, 64 + 96 px, chunk 16 + 50
-    python benchmarks/speed.py --update-readme         # ... and copy the report into README.md
+    python benchmarks/speed.py --update-docs           # ... and copy the report into docs/performance.md
     python benchmarks/speed.py --gpu-7b                # the openvla-7b section on a CUDA GPU (benchmarks/gpu_check.sh)
 
 Sections (CPU, one process, threads pinned with --threads):
@@ -89,8 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--sections", nargs="+", default=["latency", "training"], choices=["latency", "training"],
                    help="latency: sections 1-3; training: sections 4-5 (6 always runs)")
     p.add_argument("--out", default=None)
-    p.add_argument("--update-readme", action="store_true",
-                   help="copy the report into README.md between <!-- speed:start --> and <!-- speed:end -->")
+    p.add_argument("--update-docs", "--update-readme", dest="update_readme", action="store_true",
+                   help="copy the report into docs/performance.md (linked from the README) between <!-- speed:start --> "
+                        "and <!-- speed:end -->")
     g = p.add_argument_group("GPU section (--gpu-7b)")
     g.add_argument("--gpu-7b", action="store_true", help="run only the GPU section (bf16, openvla-7b, LoRA)")
     g.add_argument("--device", default="cuda", help="device of the GPU section (cpu only for a dry run)")
@@ -1397,9 +1398,9 @@ def main(argv=None):
     if args.update_readme:
         from modeling_actprior.training.reporting import replace_readme_block
 
-        replace_readme_block(str(ROOT / "README.md"), README_START, README_END,
+        replace_readme_block(str(ROOT / "docs" / "performance.md"), README_START, README_END,
                              markdown_header(result) + "\n\n" + text)
-        print("updated README.md")
+        print("updated docs/performance.md")
     return result
 
 

@@ -46,9 +46,9 @@ def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=None, help="training runs in parallel (default: CPU cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="delete --out first and start over")
-    parser.add_argument("--update-readme", default=None, metavar="README",
-                        help="also copy the report (figures into docs/ beside it) between the quickstart-results "
-                             "markers of this README")
+    parser.add_argument("--update-readme", default=None, metavar="PAGE",
+                        help="also copy the report (figures into quickstart/ beside it) between the quickstart-results "
+                             "markers of this markdown page (the repository's: docs/quickstart.md)")
 
 
 def quickstart_budget(args: argparse.Namespace):

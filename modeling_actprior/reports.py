@@ -159,14 +159,15 @@ def write_figures(out: str, summary: dict) -> dict[str, str]:
 README_START, README_END = "<!-- quickstart-results:start -->", "<!-- quickstart-results:end -->"
 
 
-def update_readme(readme: str, report: str, command: str) -> None:
-    """Put ``report`` (markdown) between the README's quickstart-results markers; its images are copied into
-    ``docs/quickstart/`` next to the README and the links rewritten, so the README shows this run's figures."""
+def update_readme(page: str, report: str, command: str) -> None:
+    """Put ``report`` (markdown) between the quickstart-results markers of ``page`` (``docs/quickstart.md``, the
+    page the README links); its images are copied into ``quickstart/`` beside the page and the links rewritten, so the
+    page shows this run's figures. The report's own ``##`` headings become ``###`` (the page has one title)."""
     import re
 
-    root, out = os.path.dirname(os.path.abspath(readme)), os.path.dirname(os.path.abspath(report))
-    docs = os.path.join(root, "docs", "quickstart")
-    os.makedirs(docs, exist_ok=True)
+    root, out = os.path.dirname(os.path.abspath(page)), os.path.dirname(os.path.abspath(report))
+    figures = os.path.join(root, "quickstart")
+    os.makedirs(figures, exist_ok=True)
     with open(report) as f:
         body = f.read().split("\n", 1)[1].strip()  # drop the report's title
 
@@ -175,14 +176,15 @@ def update_readme(readme: str, report: str, command: str) -> None:
         if not m.group(2).endswith(".png") or not os.path.isfile(src):
             return m.group(0)
         name = m.group(2).replace("/", "_")
-        shutil.copy(src, os.path.join(docs, name))
-        return f"{m.group(1)}(docs/quickstart/{name})"
+        shutil.copy(src, os.path.join(figures, name))
+        return f"{m.group(1)}(quickstart/{name})"
 
     body = re.sub(r"(!\[[^\]]*\])\(([^)]+)\)", copy, body)
     body = re.sub(r"\[([^\]]+)\]\((latents/index\.html)\)", r"`\1` (in the run folder)", body)
+    body = re.sub(r"(?m)^## ", "### ", body)
     from .training.reporting import replace_readme_block
 
-    replace_readme_block(readme, README_START, README_END,
+    replace_readme_block(page, README_START, README_END,
                          f"From `{command}`, copied from its `report.md` by `--update-readme`:\n\n{body}")
 
 
