@@ -26,11 +26,4 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
 fi
 echo "[setup] installing actprior[sim,dev]"
 .venv/bin/pip install -q --disable-pip-version-check -e ".[sim,dev]" 2>&1 | grep -v "^WARNING: Location" || true
-# robosuite 1.5.2 pins mink 0.0.5, which asks for numpy<2 and drags numpy down to 1.26, which breaks pandas 3
-# (and so `datasets`). robosuite, Meta-World, MuJoCo and numba all run on numpy 2; mink is only used for
-# robosuite's humanoid whole-body IK, which we don't touch. Put numpy 2 back (pip then notes the mink pin).
-if ! .venv/bin/python -c "import numpy, sys; sys.exit(int(numpy.__version__.split('.')[0]) < 2)"; then
-  echo "[setup] restoring numpy 2 after robosuite's mink pin"
-  .venv/bin/pip install -q --disable-pip-version-check "numpy>=2,<2.6" 2>&1 | grep -v "^WARNING: Location\|mink\|dependency resolver\|dependency conflicts" || true
-fi
 .venv/bin/python -c "import modeling_actprior, torch, transformers; print(f'[setup] ok: actprior {modeling_actprior.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"
