@@ -51,3 +51,20 @@ def test_quickstart_runs_end_to_end_and_writes_a_report(tmp_path):
     assert main(["quickstart", "--out", str(out), *small]) == 0
     assert [w.stat().st_mtime_ns for w in weights] == mtimes
     assert json.loads((out / "summary.json").read_text())["demos"] == summary["demos"]
+
+
+def test_the_report_page_gets_the_run_report_and_its_figures(tmp_path):
+    from modeling_actprior.reports import README_END, README_START, update_readme
+
+    run = tmp_path / "run"
+    (run / "fig").mkdir(parents=True)
+    (run / "fig" / "curve.png").write_bytes(b"\x89PNG fake")
+    (run / "report.md").write_text("# title\n\n## Stage 1\n\n![curve](fig/curve.png)\n\n[latents](latents/index.html)\n")
+    page = tmp_path / "docs" / "quickstart.md"
+    page.parent.mkdir()
+    page.write_text(f"# What the quickstart measured\n\n{README_START}\nold\n{README_END}\n\nkept\n")
+    update_readme(str(page), str(run / "report.md"), "actprior quickstart (seed 0)")
+    text = page.read_text()
+    assert "\nold\n" not in text and text.endswith("kept\n") and "### Stage 1" in text and "\n## Stage 1" not in text
+    assert "![curve](quickstart/fig_curve.png)" in text and (page.parent / "quickstart" / "fig_curve.png").is_file()
+    assert "`latents` (in the run folder)" in text
