@@ -177,3 +177,26 @@ def test_two_process_ddp_keeps_identical_weights(corpus, tmp_path):
     assert returncode == 0, log[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["ranks_identical"] is True
+
+
+def test_a_teardown_that_never_returns_ends_the_process_instead_of_hanging(monkeypatch):
+    """destroy_process_group() now and then hangs on gloo (pytorch#75097): the run is saved by then, so after the
+    watchdog the process ends with status 0 rather than holding the launcher forever."""
+    import threading
+    import types
+
+    from modeling_actprior.training import loop
+
+    never = threading.Event()
+    accelerator = types.SimpleNamespace(wait_for_everyone=lambda: None, trackers=[], process_index=0,
+                                        state=types.SimpleNamespace(destroy_process_group=never.wait))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+
+    def exit_(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(loop.os, "_exit", exit_)
+    with pytest.raises(SystemExit) as ended:
+        loop.close_distributed(accelerator, destroy_timeout_s=0.2)
+    assert ended.value.code == 0
+    never.set()

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -130,8 +131,9 @@ def close_distributed(accelerator, destroy_timeout_s: float = 60.0) -> None:
     process group down. Ending earlier on one rank leaves the other blocked on it. Call on every rank.
 
     ``destroy_process_group`` now and then never returns on gloo even after a barrier (pytorch/pytorch#75097).
-    Everything is saved by then, so a teardown that does not finish within ``destroy_timeout_s`` is logged and
-    left behind (a daemon thread) instead of holding the process, and the launcher, forever."""
+    Everything is saved by then, so a teardown that does not finish within ``destroy_timeout_s`` is logged and the
+    process ends at once with status 0 (``os._exit``: the interpreter's own teardown would wait on the same process
+    group), instead of holding the process, and the launcher, forever."""
     accelerator.wait_for_everyone()
     for tracker in accelerator.trackers:
         tracker.finish()
@@ -148,6 +150,11 @@ def close_distributed(accelerator, destroy_timeout_s: float = 60.0) -> None:
         logger.warning("rank %d: torch.distributed.destroy_process_group() did not return within %.0f s "
                        "(pytorch/pytorch#75097); the run is complete and saved, exiting without it.",
                        accelerator.process_index, destroy_timeout_s)
+        for handler in logging.getLogger().handlers + logger.handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 class PreemptionGuard:
