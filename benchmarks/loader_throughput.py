@@ -43,7 +43,10 @@ from modeling_actprior.data import (  # noqa: E402
 GOAL_RATIO = 10.0  # the loader must deliver windows at least this many times as fast as training consumes them
 
 
-def build_corpus(root: str, episodes: int, mean_length: int, seed: int) -> str:
+def build_corpus(root: str, episodes: int, mean_length: int, seed: int, image_size: int | None = None,
+                 video_codec: str | None = None) -> str:
+    """The synthetic Panda corpus; with ``image_size``, one camera ``front`` filming the episode (``scene_frames``),
+    stored as MP4 video of ``video_codec`` or, without one, as images."""
     spec = get_embodiment("panda")
     rng = np.random.default_rng(seed)
 
@@ -52,9 +55,11 @@ def build_corpus(root: str, episodes: int, mean_length: int, seed: int) -> str:
             t = int(rng.integers(mean_length // 2, mean_length * 3 // 2 + 1))
             actions = np.cumsum(rng.normal(scale=0.05, size=(t, spec.action_dim)), 0).astype(np.float32)
             states = rng.normal(size=(t, 9)).astype(np.float32)
-            yield Episode(actions, states, f"synthetic task {i % 10}")
+            images = {"front": scene_frames(t, image_size, actions[:, :2], rng)} if image_size else None
+            yield Episode(actions, states, f"synthetic task {i % 10}", images=images)
 
-    return write_lerobot_dataset(root, gen(), spec, fps=spec.fps, overwrite=True,
+    camera = dict(camera_names=("front",), image_size=image_size, video_codec=video_codec) if image_size else {}
+    return write_lerobot_dataset(root, gen(), spec, fps=spec.fps, overwrite=True, **camera,
                                  provenance={"generator": "benchmarks/loader_throughput.py", "seed": seed})
 
 
@@ -94,25 +99,6 @@ def scene_frames(length: int, size: int, path: np.ndarray, rng) -> np.ndarray:
         frames[t, r - half:r + half, c - half:c + half] = (220, 60, 40)
     frames += rng.normal(scale=3.0, size=frames.shape)
     return np.clip(frames, 0, 255).astype(np.uint8)
-
-
-def build_camera_corpus(root: str, episodes: int, mean_length: int, image_size: int, seed: int,
-                        video_codec: str | None) -> str:
-    """The synthetic Panda corpus with one camera ``front``: MP4 video of ``video_codec``, or images (None)."""
-    spec = get_embodiment("panda")
-    rng = np.random.default_rng(seed)
-
-    def gen():
-        for i in range(episodes):
-            t = int(rng.integers(mean_length // 2, mean_length * 3 // 2 + 1))
-            actions = np.cumsum(rng.normal(scale=0.05, size=(t, spec.action_dim)), 0).astype(np.float32)
-            states = rng.normal(size=(t, 9)).astype(np.float32)
-            images = {"front": scene_frames(t, image_size, actions[:, :2], rng)}
-            yield Episode(actions, states, f"synthetic task {i % 10}", images=images)
-
-    return write_lerobot_dataset(root, gen(), spec, fps=spec.fps, overwrite=True, camera_names=("front",),
-                                 image_size=image_size, video_codec=video_codec,
-                                 provenance={"generator": "benchmarks/loader_throughput.py --video", "seed": seed})
 
 
 def time_epochs(dataset, collate, num_workers: int, batch_size: int, epochs: int, seed: int) -> list[dict]:
@@ -158,6 +144,8 @@ def time_stage2_step(preset: str, processor_cfg, batches: list[dict], steps: int
 
 
 def video_main(args) -> dict:
+    from speed import cpu_model
+
     import modeling_actprior as ap
     from modeling_actprior.data import VLAWindowDataset
     from modeling_actprior.data.video import decode_span, frame_cache
@@ -168,8 +156,8 @@ def video_main(args) -> dict:
     if args.dataset:
         roots = {"video": args.dataset}
     else:
-        roots = {kind: build_camera_corpus(os.path.join(tmp.name, kind), args.episodes, args.mean_length,
-                                           args.image_size, args.seed, codec)
+        roots = {kind: build_corpus(os.path.join(tmp.name, kind), args.episodes, args.mean_length, args.seed,
+                                    args.image_size, codec)
                  for kind, codec in (("video", args.codec), ("images", None))}
     built_s = time.perf_counter() - t0
     sets = {kind: load_lerobot_dataset(root, cache_dir=os.path.join(tmp.name, f"hf_cache_{kind}"))
@@ -230,7 +218,7 @@ def video_main(args) -> dict:
         "camera": camera, "image_size": args.image_size if not args.dataset else None,
         "episodes": video.num_episodes, "frames": video.num_frames, "history": args.history, "chunk": args.chunk,
         "build_s": round(built_s, 2), "episode_span_decode_ms_median": round(float(np.median(span_ms)), 2),
-        "training": step, "results": rows, "goal": goal, "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+        "training": step, "results": rows, "goal": goal, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
         "command": "python benchmarks/loader_throughput.py " + " ".join(sys.argv[1:]),
     }
@@ -238,22 +226,11 @@ def video_main(args) -> dict:
     return result
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", help="existing LeRobot v3.0 folder (default: build a synthetic corpus)")
-    p.add_argument("--episodes", type=int, default=300)
-    p.add_argument("--mean-length", type=int, default=120)
+    p.add_argument("--episodes", type=int, default=None, help="default 300 (48 with --video)")
+    p.add_argument("--mean-length", type=int, default=None, help="default 120 (60 with --video)")
     p.add_argument("--history", type=int, default=16)
     p.add_argument("--chunk", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=256)
@@ -269,11 +246,9 @@ def main(argv=None) -> dict:
                    "benchmarks/speed.py's loader section)")
     v.add_argument("--train-steps", type=int, default=20)
     args = p.parse_args(argv)
+    args.episodes = args.episodes or (48 if args.video else 300)
+    args.mean_length = args.mean_length or (60 if args.video else 120)
     if args.video:
-        if "--episodes" not in (argv if argv is not None else sys.argv[1:]):
-            args.episodes = 48
-        if "--mean-length" not in (argv if argv is not None else sys.argv[1:]):
-            args.mean_length = 60
         result = video_main(args)
         return write_result(result, args.out or os.path.join("benchmarks", "results", "loader_throughput_video.json"))
     args.out = args.out or os.path.join("benchmarks", "results", "loader_throughput.json")

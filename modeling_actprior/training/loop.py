@@ -15,8 +15,11 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from .checkpointing import list_checkpoints
+from .atomic_io import write_json
+from .checkpointing import list_checkpoints, save_checkpoint, start_or_resume
+from .options import jsonable
 
 logger = logging.getLogger("actprior.training")
 
@@ -258,11 +261,6 @@ def train(args, accelerator, *, stage: str, model, optimizer, lr_scheduler, trai
     Returns ``(result, history)``: ``result`` has ``step``, ``interrupted``, ``ranks_identical``,
     ``num_processes``, ``windows_per_second`` and ``data_wait_fraction``.
     """
-    from tqdm.auto import tqdm
-
-    from .checkpointing import save_checkpoint, start_or_resume
-    from .options import jsonable
-
     state = dict(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler)
     step, history = start_or_resume(accelerator, args.output_dir, args.resume_from_checkpoint,
                                     args.overwrite_output_dir, **state, options=jsonable(vars(args)))
@@ -343,8 +341,6 @@ def train(args, accelerator, *, stage: str, model, optimizer, lr_scheduler, trai
 
 def end_run(args, accelerator, result: dict) -> dict:
     """Write ``run_summary.json`` (main process) and tear the processes down; returns ``result``. Call on every rank."""
-    from .atomic_io import write_json
-
     if accelerator.is_main_process:
         write_json(os.path.join(args.output_dir, "run_summary.json"), result)
     close_distributed(accelerator)

@@ -61,7 +61,7 @@ from modeling_actprior.training import (
     parse_with_yaml,
     plot_curves,
 )
-from modeling_actprior.training.loop import end_run, global_batch, make_accelerator, train
+from modeling_actprior.training.loop import end_run, global_batch, make_accelerator, to_device, train
 
 logger = logging.getLogger("actprior.stage2")
 
@@ -246,7 +246,7 @@ def evaluate_vla(model, val_sets, collate, max_windows: int, seed: int, batch_si
         count = 0.0
         for lo in range(0, len(idx), batch_size):
             b = collate([ds[int(i)] for i in idx[lo:lo + batch_size]])
-            b = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+            b = to_device(b, dev)
             pred = model.predict_action(**b, generator=gen)
             hold = repeat_last_action(b[HISTORY], b[HISTORY_MASK],
                                       model.config.prior_config.chunk_size)
