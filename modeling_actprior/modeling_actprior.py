@@ -335,12 +335,15 @@ class FlowMatchingActionDecoder(nn.Module):
         key = None if any(p.is_inference() for p in params) else (
             tuple(times), None if step_sizes is None else tuple(step_sizes), dtype, str(device),
             tuple((p.data_ptr(), p._version) for p in params))
-        if key is None or self._grid_time[0] != key:
-            with torch.no_grad():
-                t = torch.tensor(times, dtype=torch.float32, device=device)[:, None]
-                d = None if step_sizes is None else torch.tensor(step_sizes, dtype=torch.float32, device=device)[:, None]
-                self._grid_time = (key, self.time_condition(t, dtype, d))
-        return self._grid_time[1]
+        cached = self._grid_time  # one read: another thread may replace it with another grid's meanwhile
+        if key is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            t = torch.tensor(times, dtype=torch.float32, device=device)[:, None]
+            d = None if step_sizes is None else torch.tensor(step_sizes, dtype=torch.float32, device=device)[:, None]
+            value = self.time_condition(t, dtype, d)
+        self._grid_time = (key, value)
+        return value
 
     def condition(self, z: torch.Tensor) -> torch.Tensor:
         """The latent's share of the conditioning, ``(B, width)``; constant over the flow steps of one chunk."""
