@@ -91,11 +91,11 @@ def main(argv=None) -> int:
 def update_readme(path: str, text: str, budget: str) -> None:
     """Replace the block between the markers of the report page ``docs/study.md`` (the figures are the docs/ copies
     of this run's PNGs, beside it)."""
-    from modeling_actprior.training.reporting import replace_readme_block
+    from docs_page import replace_block
 
     figs = "\n\n".join(f"![{k}](prior_vs_scratch_{budget}_{k}.png)" for k in ("curves", "final", "scaling")
                        if os.path.isfile(os.path.join(ROOT, "docs", f"prior_vs_scratch_{budget}_{k}.png")))
-    replace_readme_block(path, MARK_START, MARK_END, f"{text}\n{figs}")
+    replace_block(path, MARK_START, MARK_END, f"{text}\n{figs}")
 
 
 if __name__ == "__main__":

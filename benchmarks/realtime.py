@@ -74,8 +74,8 @@ def settings(prior: str) -> list[dict]:
 def _pipeline(final: str, solver: str):
     from transformers import pipeline
 
+    from modeling_actprior.runs import load_vla
     from modeling_actprior.scheduling_flow_matching import FlowMatchingActionScheduler
-    from modeling_actprior.viz import load_vla
 
     model, processor = load_vla(final)
     # The diffusers way of picking a sampler: a scheduler built from the saved one's config.
@@ -89,8 +89,8 @@ def offline_errors(final: str, heldout: str, prior: str, windows: int = 192, see
     import torch
 
     from modeling_actprior.data import IMAGE, VLAWindowDataset, collate_windows, load_lerobot_dataset
+    from modeling_actprior.runs import load_vla
     from modeling_actprior.scheduling_flow_matching import FlowMatchingActionScheduler
-    from modeling_actprior.viz import load_vla
 
     model, processor = load_vla(final)
     pc = model.config.prior_config
@@ -162,7 +162,7 @@ def _pairs(runs: dict, name: str) -> dict:
 
 def summarize(results: dict) -> dict:
     """``results``: ``{prior: {seed: evaluate_run(...)}}`` -> the tables' numbers."""
-    from modeling_actprior.study import paired_difference
+    from modeling_actprior.success_stats import paired_difference
 
     out = {"few_step": [], "rtc": []}
     for prior, runs in results.items():
@@ -358,9 +358,9 @@ def main(argv=None) -> int:
     os.makedirs(os.path.join(ROOT, "docs"), exist_ok=True)
     shutil.copy(figure, os.path.join(ROOT, "docs", "realtime.png"))
     if args.update_readme:
-        from modeling_actprior.training.reporting import replace_readme_block
+        from docs_page import replace_block
 
-        replace_readme_block(os.path.join(ROOT, "docs", "realtime.md"), MARK_START, MARK_END, text)
+        replace_block(os.path.join(ROOT, "docs", "realtime.md"), MARK_START, MARK_END, text)
     return 0
 
 

@@ -1438,9 +1438,9 @@ def main(argv=None):
     write_text(md, markdown_header(result) + "\n\n" + text + "\n")
     print(f"\nwrote {args.out} and {md} ({result['wall_s']} s)")
     if args.update_readme:
-        from modeling_actprior.training.reporting import replace_readme_block
+        from docs_page import replace_block
 
-        replace_readme_block(str(ROOT / "docs" / "performance.md"), README_START, README_END,
+        replace_block(str(ROOT / "docs" / "performance.md"), README_START, README_END,
                              markdown_header(result) + "\n\n" + text)
         print("updated docs/performance.md")
     return result

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import platform
 import time
@@ -30,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .argtypes import MAX_IMAGE_SIZE, MAX_SEED, MIN_IMAGE_SIZE, int_at_least
+from .success_stats import wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +48,6 @@ def evaluation_seeds(seed: int, sim: str, task: str, robot: str, episodes: int) 
     from modeling_actprior.sim import episode_seed
 
     return [episode_seed(seed, eval_namespace(sim), task, robot, i) for i in range(int(episodes))]
-
-
-def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default); ``(0, 1)`` for zero trials."""
-    if trials <= 0:
-        return 0.0, 1.0
-    if not 0 <= successes <= trials:
-        raise ValueError(f"successes must be in [0, trials={trials}]; got {successes}.")
-    p, n, z2 = successes / trials, trials, z * z
-    center = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    # At p = 0 or 1 the bound is exactly the observed rate (rounding would land a hair inside it).
-    low = 0.0 if successes == 0 else max(0.0, center - half)
-    high = 1.0 if successes == trials else min(1.0, center + half)
-    return low, high
 
 
 # ------------------------------------------------------------------------------------------ simulators

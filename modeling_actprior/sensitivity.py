@@ -33,7 +33,7 @@ def input_sensitivity(final: str, dataset: str, windows: int = 96, seed: int = 0
     import torch
 
     from modeling_actprior.data import IMAGE, VLAWindowDataset, collate_windows, load_lerobot_dataset
-    from modeling_actprior.viz import load_vla
+    from modeling_actprior.runs import load_vla
 
     model, processor = load_vla(final)
     ds = load_lerobot_dataset(dataset)

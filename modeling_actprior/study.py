@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .sensitivity import input_sensitivity, sensitivity_file  # noqa: F401 - input_sensitivity re-exported
+from .success_stats import paired_difference, steps_to_reach, wilson_interval  # noqa: F401 - re-exported
 from .training import write_json
 
 logger = logging.getLogger("actprior.study")
@@ -394,7 +395,7 @@ def evaluate_checkpoints(run: str, budget: Budget, seed: int = 0, final_only: bo
     from transformers import pipeline
 
     from modeling_actprior.rollout import evaluate
-    from modeling_actprior.viz import find_run, load_checkpoint_weights, load_vla
+    from modeling_actprior.runs import find_run, load_checkpoint_weights, load_vla
 
     found = find_run(run)
     by_step = dict(found.checkpoints)
@@ -436,43 +437,9 @@ def episode_outcomes(run: dict, index: int, seed: int) -> dict[tuple, bool]:
     return {(seed, task, i): bool(ok) for task, oks in step.get("outcomes", {}).items() for i, ok in enumerate(oks)}
 
 
-def paired_difference(a: dict, b: dict, resamples: int = 10000, seed: int = 0) -> dict | None:
-    """Mean paired difference ``a - b`` of success over the episodes both hold (same training seed, task and scene),
-    with a 95% percentile bootstrap interval over those pairs. ``a``, ``b``: ``{key: success}``. None without pairs.
-
-    Pairing removes the scene's own difficulty from the comparison (an easy scene is easy for both), so the interval
-    is narrower than two independent Wilson intervals would suggest, and it is the one that decides a difference."""
-    keys = sorted(set(a) & set(b))
-    if not keys:
-        return None
-    d = np.array([float(a[k]) - float(b[k]) for k in keys])
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    return {"mean_difference": float(d.mean()), "ci95": [float(lo), float(hi)], "pairs": len(keys),
-            "a_only": int((d > 0).sum()), "b_only": int((d < 0).sum()), "resamples": int(resamples)}
-
-
-def steps_to_reach(curve: Sequence[dict], target: float) -> dict | None:
-    """The training step at which a success curve (``[{"step", "success_rate"}]``, ascending steps) first reaches
-    ``target``, linearly interpolated between the two checkpoints around the crossing. When the first checkpoint
-    already reaches it, that step is an upper bound (``upper_bound`` True). None when no checkpoint reaches it."""
-    prev = None
-    for c in curve:
-        if c["success_rate"] >= target:
-            if prev is None:
-                return {"step": float(c["step"]), "upper_bound": True}
-            s0, r0, s1, r1 = prev["step"], prev["success_rate"], c["step"], c["success_rate"]
-            frac = 1.0 if r1 == r0 else (target - r0) / (r1 - r0)
-            return {"step": float(s0 + frac * (s1 - s0)), "upper_bound": False}
-        prev = c
-    return None
-
-
 # --------------------------------------------------------------------------------------------- summary
 def summarize(out: str, budget: Budget) -> dict:
     """Collect every finished run into curves, final success, steps-to-baseline and the scaling axis."""
-    from modeling_actprior.rollout import wilson_interval
 
     largest = max(budget.stage1_sizes)
     summary = {"budget": dataclasses.asdict(budget), "demos": {}, "scaling": {}, "priors": {}}

@@ -108,3 +108,17 @@ def test_the_history_token_scaling_pairs_on_and_off_over_consecutive_prompt_leng
     for size in range(2):
         calls = seen[True][size * per_size:(size + 1) * per_size]
         assert len(calls) == 8 and sorted(calls) == sorted(rows[size]["prompt_tokens"] * 2)
+
+
+def test_docs_page_block_is_replaced_and_the_prose_around_it_kept(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    from docs_page import replace_block
+
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\nprose\n<!-- x:start -->\nold\n<!-- x:end -->\ntail\n")
+    replace_block(str(page), "<!-- x:start -->", "<!-- x:end -->", "new")
+    assert page.read_text() == "# Title\n\nprose\n<!-- x:start -->\nnew\n<!-- x:end -->\ntail\n"
+    page.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="no <!-- x:start --> ... <!-- x:end --> block"):
+        replace_block(str(page), "<!-- x:start -->", "<!-- x:end -->", "new")
+    assert page.read_text() == "# no markers\n"

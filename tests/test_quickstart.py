@@ -68,3 +68,21 @@ def test_the_report_page_gets_the_run_report_and_its_figures(tmp_path):
     assert "\nold\n" not in text and text.endswith("kept\n") and "### Stage 1" in text and "\n## Stage 1" not in text
     assert "![curve](quickstart/fig_curve.png)" in text and (page.parent / "quickstart" / "fig_curve.png").is_file()
     assert "`latents` (in the run folder)" in text
+
+
+def test_the_report_page_is_created_when_new_and_a_page_without_markers_is_refused(tmp_path):
+    from modeling_actprior.reports import README_END, README_START, update_readme
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.md").write_text("# title\n\n## Stage 1\n\nnumbers\n")
+    page = tmp_path / "new.md"
+    update_readme(str(page), str(run / "report.md"), "actprior quickstart (seed 0)")
+    text = page.read_text()
+    assert text.startswith("# What the quickstart measured") and README_START in text and README_END in text
+    assert "### Stage 1" in text and "numbers" in text
+    mine = tmp_path / "README.md"
+    mine.write_text("# my own page\n")
+    with pytest.raises(ValueError, match="no <!-- quickstart-results:start -->"):
+        update_readme(str(mine), str(run / "report.md"), "actprior quickstart (seed 0)")
+    assert mine.read_text() == "# my own page\n"

@@ -14,6 +14,8 @@ from .lerobot import (
     load_lerobot_dataset,
     write_lerobot_dataset,
 )
+from .mixture import MixtureDataset
+from .streaming import StreamingActionWindows
 from .windows import (
     ACTION_MASK,
     ACTIONS,
@@ -28,8 +30,6 @@ from .windows import (
     INSTRUCTION,
     STATE,
     ActionWindowDataset,
-    MixtureDataset,
-    StreamingActionWindows,
     VLAWindowDataset,
     collate_windows,
     fit_normalizer,

@@ -60,7 +60,7 @@ from .options import (
     parse_with_yaml,
     str2bool,
 )
-from .reporting import markdown_table, model_card_template, plot_curves, replace_readme_block
+from .reporting import markdown_table, model_card_template, plot_curves
 
 __all__ = [
     "CHECKPOINT_DIR", "CHECKSUMS", "GRAD_SCALER_STATE", "LR_SCHEDULER_STATE", "MODEL_WEIGHTS", "OPTIMIZER_STATE",
@@ -69,6 +69,6 @@ __all__ = [
     "check_output_dir_writable", "check_resume_options", "close_distributed", "config_field_names", "discard_folder", "endless_batches",
     "exchange_paths", "fixed_val_batches", "fsync_dir", "fsync_path", "fsync_tree", "jsonable", "list_checkpoints",
     "load_checkpoint", "load_trainer_state", "markdown_table", "model_card_template", "parse_dataset_specs",
-    "parse_with_yaml", "plot_curves", "ranks_agree", "replace_readme_block", "resolve_resume", "save_checkpoint", "start_or_resume",
+    "parse_with_yaml", "plot_curves", "ranks_agree", "resolve_resume", "save_checkpoint", "start_or_resume",
     "str2bool", "to_device", "validation_loss", "verify_checkpoint", "write_json", "write_text",
 ]

@@ -7,8 +7,6 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .atomic_io import write_text
-
 
 def plot_curves(history: list[dict[str, float]], keys: Sequence[str], path: str, title: str) -> str | None:
     """Loss curves against step, one line per key found in ``history``; returns the PNG path."""
@@ -51,15 +49,3 @@ def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str], fmt: Call
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def replace_readme_block(path: str, start: str, end: str, text: str) -> None:
-    """Replace what lies between the markers ``start`` and ``end`` of the markdown file ``path`` with ``text`` (the
-    README's generated blocks: quickstart results, the prior-vs-scratch study, the speed report)."""
-    with open(path) as f:
-        readme = f.read()
-    if start not in readme or end not in readme:
-        raise ValueError(f"{path} has no {start} ... {end} block to update.")
-    head, rest = readme.split(start, 1)
-    _, tail = rest.split(end, 1)
-    write_text(path, f"{head}{start}\n{text}\n{end}{tail}")
