@@ -1,11 +1,14 @@
 """CPU fast paths of the layers every flow step runs: plain torch layers applied through their parameters (no module
-call, no per-call checks), ATen's GELU kernel for the few hundred values of one step, and the first-token output of a
-pre-norm transformer encoder layer. Any other layer (a LoRA or quantized wrapper) is called as a module, so the results
+call, no per-call checks), ATen's GELU kernel for the few hundred values of one step, the first-token output of a
+pre-norm transformer encoder layer, and the action decoder's velocity on its layers resolved to plain tensors once
+per chunk (``plain_decoder_weights``, ``plain_velocity``). Any other layer (a LoRA or quantized wrapper) is called as a module, so the results
 are those of the modules.
 
 This file is copied next to exported checkpoints for ``trust_remote_code`` loading, with the model files that import it."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +92,67 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     m = torch.nn.modules.module
     return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
                 or m._global_forward_pre_hooks)
+
+
+# ------------------------------------------------------------------------------ the decoder on plain weights
+class PlainBlockWeights(NamedTuple):
+    """One ``ModulatedResidualBlock`` of plain layers, as the tensors a flow step needs (weights transposed)."""
+
+    up_bias: torch.Tensor
+    up_weight_t: torch.Tensor
+    down_bias: torch.Tensor
+    down_weight_t: torch.Tensor
+    norm_eps: float
+    approximate: str  # the GELU's
+    dropout: float  # the MLP's dropout probability when training, else 0
+
+
+class PlainDecoderWeights(NamedTuple):
+    """The decoder's layers resolved once per conditioning, when every one is a plain ``nn.Linear`` / ``nn.LayerNorm``
+    / ``nn.GELU`` / ``nn.Dropout``: each flow step then runs ``addmm`` / ``layer_norm`` / ``gelu`` / ``addcmul`` on
+    these tensors directly, without module calls or per-layer checks."""
+
+    input_weight_t: torch.Tensor  # (H * D_max, width): x_in's columns of the chunk's values
+    blocks: tuple[PlainBlockWeights, ...]
+    out_bias: torch.Tensor
+    out_weight_t: torch.Tensor
+    out_norm_eps: float
+
+
+def plain_decoder_weights(decoder: nn.Module) -> PlainDecoderWeights | None:
+    """A ``FlowMatchingActionDecoder``'s layers as tensors for the flow steps, or None if one of them is not a plain
+    torch layer."""
+    x_in, out, norm_out = decoder.x_in, decoder.out, decoder.norm_out
+    if not (type(x_in) is nn.Linear and x_in.bias is not None and type(out) is nn.Linear and out.bias is not None
+            and type(norm_out) is nn.LayerNorm and norm_out.weight is None):
+        return None
+    blocks = []
+    for block in decoder.blocks:
+        up, act, drop, down = block.mlp
+        if not (type(up) is nn.Linear and type(down) is nn.Linear and up.bias is not None and down.bias is not None
+                and type(act) is nn.GELU and type(drop) is nn.Dropout and type(block.norm) is nn.LayerNorm
+                and block.norm.weight is None):
+            return None
+        blocks.append(PlainBlockWeights(up.bias, up.weight.t(), down.bias, down.weight.t(), block.norm.eps,
+                                        act.approximate, drop.p if drop.training else 0.0))
+    flat = decoder.config.chunk_size * decoder.config.max_action_dim
+    return PlainDecoderWeights(x_in.weight[:, :flat].t(), tuple(blocks), out.bias, out.weight.t(), norm_out.eps)
+
+
+def plain_velocity(x: torch.Tensor, w: PlainDecoderWeights, input_bias: torch.Tensor,
+                   modulation: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The velocity on plain weights ``w`` (a conditioning's ``weights``, ``input_bias`` and one step's
+    ``modulation``), as ``(B, H * D_max)`` NOT yet masked: ``x`` is the flattened chunk ``(B, H * D_max)``,
+    already zero in padded dimensions. The same computation as the modules', on the resolved tensors."""
+    h = torch.addmm(input_bias, x, w.input_weight_t)
+    shape = h.shape[-1:]
+    for (b1, w1, b2, w2, eps, approximate, p), (one_plus_scale, shift, gate) in zip(w.blocks, modulation):
+        if one_plus_scale.dim() == 1:  # shared by the batch: the layer norm's affine
+            y = F.layer_norm(h, shape, one_plus_scale, shift, eps)
+        else:
+            y = torch.addcmul(shift, F.layer_norm(h, shape, None, None, eps), one_plus_scale)
+        y = _gelu(torch.addmm(b1, y, w1), approximate)
+        if p > 0:
+            y = F.dropout(y, p, True)
+        h = torch.addcmul(h, gate, torch.addmm(b2, y, w2))
+    return torch.addmm(w.out_bias, F.layer_norm(h, shape, None, None, w.out_norm_eps), w.out_weight_t)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,12 +31,15 @@ from transformers.utils import logging as hf_logging
 from .action_space import ActionNormalizer
 from .configuration_actprior import ActionPriorConfig
 from .fast_path import (
+    PlainDecoderWeights,
     _first_token_output,
     _gelu,
     _has_forward_hooks,
     _layer_norm,
     _linear,
     _mlp,
+    plain_decoder_weights,
+    plain_velocity,
 )
 from .guidance import ChunkGuidance, _guided_integration, rtc_weights  # noqa: F401 - rtc_weights re-exported
 from .inputs import (  # noqa: F401 - the batch keys, re-exported
@@ -207,30 +209,6 @@ class ModulatedResidualBlock(nn.Module):
         return torch.addcmul(h, gate, _linear(down, y))
 
 
-class PlainBlockWeights(NamedTuple):
-    """One ``ModulatedResidualBlock`` of plain layers, as the tensors a flow step needs (weights transposed)."""
-
-    up_bias: torch.Tensor
-    up_weight_t: torch.Tensor
-    down_bias: torch.Tensor
-    down_weight_t: torch.Tensor
-    norm_eps: float
-    approximate: str  # the GELU's
-    dropout: float  # the MLP's dropout probability when training, else 0
-
-
-class PlainDecoderWeights(NamedTuple):
-    """The decoder's layers resolved once per conditioning, when every one is a plain ``nn.Linear`` / ``nn.LayerNorm``
-    / ``nn.GELU`` / ``nn.Dropout``: each flow step then runs ``addmm`` / ``layer_norm`` / ``gelu`` / ``addcmul`` on
-    these tensors directly, without module calls or per-layer checks."""
-
-    input_weight_t: torch.Tensor  # (H * D_max, width): x_in's columns of the chunk's values
-    blocks: tuple[PlainBlockWeights, ...]
-    out_bias: torch.Tensor
-    out_weight_t: torch.Tensor
-    out_norm_eps: float
-
-
 @dataclass
 class DecoderConditioning:
     """Everything of the velocity field ``v(x_t, t, z)`` that does not depend on ``x_t``.
@@ -373,29 +351,11 @@ class FlowMatchingActionDecoder(nn.Module):
         time = time_condition if time_condition is not None else self.time_condition(t, latent.dtype, step_size)
         cond = F.silu(time + latent)
         out = DecoderConditioning(latent, dm, dm[:, None, :], [block.modulate(cond) for block in self.blocks])
-        out.weights = self.plain_weights()
+        out.weights = plain_decoder_weights(self)
         if out.weights is not None:
             flat = out.weights.input_weight_t.shape[0]
             out.input_bias = F.linear(dm, self.x_in.weight[:, flat:], self.x_in.bias) + latent
         return out
-
-    def plain_weights(self) -> PlainDecoderWeights | None:
-        """The layers as tensors for the flow steps, or None if one of them is not a plain torch layer."""
-        if not (type(self.x_in) is nn.Linear and self.x_in.bias is not None and type(self.out) is nn.Linear
-                and self.out.bias is not None and type(self.norm_out) is nn.LayerNorm and self.norm_out.weight is None):
-            return None
-        blocks = []
-        for block in self.blocks:
-            up, act, drop, down = block.mlp
-            if not (type(up) is nn.Linear and type(down) is nn.Linear and up.bias is not None and down.bias is not None
-                    and type(act) is nn.GELU and type(drop) is nn.Dropout and type(block.norm) is nn.LayerNorm
-                    and block.norm.weight is None):
-                return None
-            blocks.append(PlainBlockWeights(up.bias, up.weight.t(), down.bias, down.weight.t(), block.norm.eps,
-                                            act.approximate, drop.p if drop.training else 0.0))
-        flat = self.config.chunk_size * self.config.max_action_dim
-        return PlainDecoderWeights(self.x_in.weight[:, :flat].t(), tuple(blocks), self.out.bias, self.out.weight.t(),
-                                   self.norm_out.eps)
 
     def forward(
         self,
@@ -427,27 +387,8 @@ class FlowMatchingActionDecoder(nn.Module):
                 h = block.forward(h, modulation)
             v = _linear(self.out, _layer_norm(self.norm_out, h))
         else:
-            v = self.plain_velocity(x, c.weights, c.input_bias, c.modulation)
+            v = plain_velocity(x, c.weights, c.input_bias, c.modulation)
         return v.view(b, self.config.chunk_size, self.config.max_action_dim) * mask
-
-    @staticmethod
-    def plain_velocity(x: torch.Tensor, w: PlainDecoderWeights, input_bias: torch.Tensor,
-                       modulation: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """The velocity on plain weights ``w`` (a conditioning's ``weights``, ``input_bias`` and one step's
-        ``modulation``), as ``(B, H * D_max)`` NOT yet masked: ``x`` is the flattened chunk ``(B, H * D_max)``,
-        already zero in padded dimensions. The same computation as the modules', on the resolved tensors."""
-        h = torch.addmm(input_bias, x, w.input_weight_t)
-        shape = h.shape[-1:]
-        for (b1, w1, b2, w2, eps, approximate, p), (one_plus_scale, shift, gate) in zip(w.blocks, modulation):
-            if one_plus_scale.dim() == 1:  # shared by the batch: the layer norm's affine
-                y = F.layer_norm(h, shape, one_plus_scale, shift, eps)
-            else:
-                y = torch.addcmul(shift, F.layer_norm(h, shape, None, None, eps), one_plus_scale)
-            y = _gelu(torch.addmm(b1, y, w1), approximate)
-            if p > 0:
-                y = F.dropout(y, p, True)
-            h = torch.addcmul(h, gate, torch.addmm(b2, y, w2))
-        return torch.addmm(w.out_bias, F.layer_norm(h, shape, None, None, w.out_norm_eps), w.out_weight_t)
 
 
 # --------------------------------------------------------------------------------------------- flow math
@@ -578,7 +519,7 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
             flat_mask = mask.expand(shape).reshape(b, -1).to(torch.float32)
             w, input_bias = conditioning.weights, conditioning.input_bias
             for modulation, dt in zip(conditioning.step_modulations(), step_sizes):
-                v = decoder.plain_velocity(flat if dtype == torch.float32 else flat.to(dtype), w, input_bias, modulation)
+                v = plain_velocity(flat if dtype == torch.float32 else flat.to(dtype), w, input_bias, modulation)
                 flat = torch.addcmul(flat, v.float(), flat_mask, value=dt)
             x = flat.view(shape)
         else:
