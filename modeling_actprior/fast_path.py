@@ -156,3 +156,27 @@ def plain_velocity(x: torch.Tensor, w: PlainDecoderWeights, input_bias: torch.Te
             y = F.dropout(y, p, True)
         h = torch.addcmul(h, gate, torch.addmm(b2, y, w2))
     return torch.addmm(w.out_bias, F.layer_norm(h, shape, None, None, w.out_norm_eps), w.out_weight_t)
+
+
+def euler_flow(decoder: nn.Module, z: torch.Tensor, dim_mask: torch.Tensor, noise: torch.Tensor,
+               time_condition: torch.Tensor, step_sizes: tuple[float, ...]) -> torch.Tensor:
+    """Euler integration of a ``FlowMatchingActionDecoder`` from ``noise`` ``(B, H, D_max)`` float32 (already zero in
+    padded dimensions) to the chunk, NOT yet masked: the conditioning of every step (``time_condition``, ``(S, 1,
+    width)``, from ``grid_time_condition``), then each step's velocity and update on the flattened chunk. Straight-line
+    tensor code with no host synchronization and no context managers: what ``FlowMatchingActionDecoder.compile_flow``
+    hands to ``torch.compile`` (the eager sampler runs the same steps in ``integrate_flow``)."""
+    b, shape = noise.shape[0], noise.shape
+    dtype = decoder.out.weight.dtype
+    mask = dim_mask[:, None, :]
+    c = decoder.conditioning(z.to(dtype), None, dim_mask, time_condition=time_condition)
+    flat = noise.reshape(b, -1)
+    flat_mask = mask.expand(shape).reshape(b, -1).to(torch.float32)
+    if c.weights is not None:
+        for modulation, dt in zip(c.step_modulations(), step_sizes):
+            v = plain_velocity(flat.to(dtype), c.weights, c.input_bias, modulation)
+            flat = torch.addcmul(flat, v.float(), flat_mask, value=dt)
+        return flat.view(shape)
+    x = flat.view(shape)  # a wrapped layer (LoRA, quantized...): call the modules
+    for step, dt in zip(c.steps(), step_sizes):
+        x = x + dt * decoder(x.to(dtype), conditioning=step).float()
+    return x

@@ -135,6 +135,8 @@ class VLAWithPriorForAction(ActionCheckpointMixin, VLAWithPriorPreTrainedModel):
         ```
     """
 
+    _flow_decoder = "action_head"  # for compile_flow
+
     def __init__(self, config: VLAWithPriorConfig):
         super().__init__(config)
         prior, d_text, d_z = config.prior_config, config.text_hidden_size, config.prior_config.latent_dim

@@ -44,7 +44,24 @@ def _own_aligned_storage(model: nn.Module) -> int:
 class ActionCheckpointMixin:
     """``save_pretrained`` / ``from_pretrained`` for models that sample actions: besides weights
     (safetensors only) and config, a checkpoint carries the flow sampler (``scheduler/``) and the
-    per-embodiment action statistics (``action_normalizer.json``). Put it first in the bases."""
+    per-embodiment action statistics (``action_normalizer.json``). Put it first in the bases; ``_flow_decoder`` names
+    the model's ``FlowMatchingActionDecoder`` attribute."""
+
+    _flow_decoder = "decoder"
+
+    def compile_flow(self, enable: bool = True, num_inference_steps: int | tuple[int, ...] | None = None,
+                     batch_size: int = 1, **compile_kwargs):
+        """Sample actions through a ``torch.compile``d flow loop (``FlowMatchingActionDecoder.compile_flow``, with
+        this model's scheduler): by default the scheduler's own step count is compiled now, at ``batch_size``, so the
+        first chunk does not wait for the compiler. ``enable=False`` goes back to the eager loop. Returns the model.
+
+        ``robot.model.compile_flow(num_inference_steps=2)`` on a ``pipeline("robot-action")`` compiles its 2-step
+        flow."""
+        if num_inference_steps is None:
+            num_inference_steps = self.scheduler.config.num_inference_steps
+        getattr(self, self._flow_decoder).compile_flow(enable, num_inference_steps, batch_size,
+                                                       scheduler=self.scheduler, **compile_kwargs)
+        return self
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
         kwargs.setdefault("safe_serialization", True)
