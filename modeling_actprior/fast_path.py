@@ -180,3 +180,42 @@ def euler_flow(decoder: nn.Module, z: torch.Tensor, dim_mask: torch.Tensor, nois
     for step, dt in zip(c.steps(), step_sizes):
         x = x + dt * decoder(x.to(dtype), conditioning=step).float()
     return x
+
+
+def compile_euler_flow(decoder: nn.Module, num_inference_steps: int | tuple[int, ...], batch_size: int, scheduler,
+                       **compile_kwargs):
+    """``torch.compile`` of ``euler_flow`` for ``decoder`` (``FlowMatchingActionDecoder.compile_flow``), compiled now
+    for each of ``num_inference_steps`` at ``batch_size`` on ``scheduler``'s time grid, with inputs as
+    ``integrate_flow`` passes them. Returns the compiled function ``(z, dim_mask, noise, time_condition,
+    step_sizes) -> chunk``."""
+    import types
+
+    def flow(z, dim_mask, noise, time_condition, step_sizes):
+        return euler_flow(decoder, z, dim_mask, noise, time_condition, step_sizes)
+
+    # torch.compile keeps its graphs (and its limit of 8 per function) on the function's code object; a copy of it
+    # per decoder keeps each decoder's graphs apart, so a process may compile any number of models.
+    flow = types.FunctionType(flow.__code__.replace(), flow.__globals__, flow.__name__, None, flow.__closure__)
+    compiled = torch.compile(flow, **{"dynamic": False, "fullgraph": True, **compile_kwargs})
+    steps = (num_inference_steps,) if isinstance(num_inference_steps, int) else tuple(num_inference_steps or ())
+    if steps and scheduler.config.solver == "heun":
+        raise ValueError("compile_flow compiles the Euler and shortcut solvers; this scheduler uses 'heun', which "
+                         "keeps sampling eagerly. Compile with an Euler or shortcut scheduler.")
+    config, dtype, device = decoder.config, decoder.out.weight.dtype, decoder.out.weight.device
+    with torch.inference_mode():  # the inputs as integrate_flow passes them (the graph's guards check this)
+        z = torch.zeros(batch_size, config.latent_dim, dtype=dtype, device=device)
+        dim_mask = torch.ones(batch_size, config.max_action_dim, dtype=torch.bool, device=device)
+        noise = torch.zeros(batch_size, config.chunk_size, config.max_action_dim, device=device)
+    for n in steps:
+        run = scheduler.for_run(n, device=device)
+        time_condition = decoder.grid_time_condition(run.timestep_values, dtype, device, run.model_step_sizes())
+        try:
+            with torch.inference_mode():
+                compiled(z, dim_mask, noise, time_condition, tuple(run.euler_step_sizes()))
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise RuntimeError(
+                f"compile_flow: torch.compile could not compile the {n}-step flow ({e.__class__.__name__}: {first}). "
+                "On a CPU it needs a working C++ compiler (g++ or clang++ on PATH); the decoder keeps sampling "
+                "eagerly.") from e
+    return compiled

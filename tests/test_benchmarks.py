@@ -122,3 +122,25 @@ def test_docs_page_block_is_replaced_and_the_prose_around_it_kept(tmp_path, monk
     with pytest.raises(ValueError, match="no <!-- x:start --> ... <!-- x:end --> block"):
         replace_block(str(page), "<!-- x:start -->", "<!-- x:end -->", "new")
     assert page.read_text() == "# no markers\n"
+
+
+def test_the_report_is_rewritten_from_saved_results_without_measuring(tmp_path):
+    """``--report-from``: the committed CPU results give the same tables, their goals re-evaluated (with the
+    zero-flow bound of the few-step ratio); a file that is not such a result is refused and left as it is."""
+    saved = tmp_path / "speed.json"
+    shutil.copy(os.path.join(ROOT, "benchmarks", "results", "speed.json"), saved)
+    r = subprocess.run([sys.executable, SPEED, "--report-from", str(saved)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the report only; no measurement" in r.stdout
+    result = json.loads(saved.read_text())
+    few = [g for g in result["goals"] if "-step pipeline <=" in g["goal"]]
+    assert few and all(0 < g["zero_flow_bound"] <= g["measured"] for g in few)
+    report = (tmp_path / "speed.md").read_text()
+    assert "with the flow at zero cost" in report and "### Goals" in report
+    other = tmp_path / "other.json"
+    other.write_text('{"preset": "tiny"}')
+    r = subprocess.run([sys.executable, SPEED, "--report-from", str(other)], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not the results of a CPU run" in r.stderr
+    assert other.read_text() == '{"preset": "tiny"}'

@@ -1,5 +1,7 @@
 """Real-time control: few-step generation (shortcut models) and real-time chunking (RTC)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -289,3 +291,53 @@ def test_a_delay_the_chunk_cannot_cover_is_refused(robot):
         run_episode(robot, _Task(), 0, 4, 20, "sawyer", inference_delay=5)
     with pytest.raises(ValueError, match="at most the chunk"):
         run_episode(robot, _Task(), 0, 6, 20, "sawyer", inference_delay=3)
+
+
+# ------------------------------------------------------------------------------------------ compiled flow loop
+_NO_COMPILER = not any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(_NO_COMPILER, reason="torch.compile on a CPU needs a C++ compiler")
+def test_the_compiled_flow_samples_what_the_eager_loop_samples_and_compiles_ahead_of_the_first_chunk():
+    """``compile_flow`` on a pipeline's model (the shortcut solver at 2 steps, batch 1): the chunks match the eager
+    loop's to float32 rounding, the first chunk reuses the graph compiled ahead (no compiling while the robot waits),
+    and ``compile_flow(False)`` gives the eager loop's chunk bit for bit."""
+    import torch._dynamo
+
+    vla, processor = _vla(shortcut_max_steps=8, num_inference_steps=2)
+    robot = pipeline("robot-action", model=vla, processor=processor, device="cpu")
+    eager = [_call(robot, seed=s)["actions"] for s in range(3)]
+    previous = eager[2][3:]
+    guided = _call(robot, seed=1, previous_chunk=previous, inference_delay=2)["actions"]
+    assert robot.model.compile_flow() is robot.model and robot.model.action_head._compiled_flow is not None
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = [_call(robot, seed=s)["actions"] for s in range(3)]
+    for a, b in zip(compiled, eager):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Real-time chunking guides through the decoder's gradient: that loop stays eager, and exact.
+    assert np.array_equal(_call(robot, seed=1, previous_chunk=previous, inference_delay=2)["actions"], guided)
+    robot.model.compile_flow(False)
+    assert np.array_equal(_call(robot, seed=0)["actions"], eager[0])
+
+
+def test_compile_flow_refuses_a_solver_it_does_not_compile():
+    vla, _ = _vla()
+    vla.scheduler = FlowMatchingActionScheduler(solver="heun")
+    with pytest.raises(ValueError, match="Euler and shortcut solvers; this scheduler uses 'heun'"):
+        vla.compile_flow()
+    assert vla.action_head._compiled_flow is None
+
+
+@pytest.mark.skipif(_NO_COMPILER, reason="torch.compile on a CPU needs a C++ compiler")
+def test_one_process_compiles_the_flow_of_more_models_than_torch_compiles_cache_limit():
+    """torch.compile keeps at most 8 graphs per function; each decoder compiles its own copy of the loop, so a
+    benchmark or a fleet of policies in one process is not cut off at the ninth model."""
+    for i in range(10):
+        prior = ap.ActionPriorModel(ap.ActionPriorConfig.from_preset("tiny", chunk_size=4 + i % 3,
+                                                                     num_inference_steps=2)).eval()
+        prior.compile_flow()
+        z = torch.randn(1, prior.config.latent_dim, generator=torch.Generator().manual_seed(i))
+        compiled = prior.sample_actions(z, num_inference_steps=2, generator=torch.Generator().manual_seed(i))
+        prior.compile_flow(False)
+        eager = prior.sample_actions(z, num_inference_steps=2, generator=torch.Generator().manual_seed(i))
+        np.testing.assert_allclose(compiled, eager, atol=1e-5)
