@@ -708,6 +708,41 @@ def history_token_vs_vlm_size(args, preset, reps, prompt_lengths: int = 8) -> li
     return rows
 
 
+def few_step_share_vs_vlm_size(args, preset: str, reps: int) -> list[dict]:
+    """The 2-step flow's share of ``predict_action`` as the language model grows, the prior (and its action head)
+    unchanged: the flow costs the same at any VLM size, so its share falls toward what real VLAs have (an action head
+    a tenth of the VLM or less). The same shortcut-trained head and solver as the few-step rows; 64 px, chunk 16."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    history = rng.normal(size=(16, 7)).astype(np.float32)
+    rows = []
+    for label, text in HISTORY_VLM_SCALES:
+        print(f"[few-step] {preset}: {FEW_STEPS}-step flow share, language model {label}", flush=True)
+        model, proc = build_vla(preset, args.vlm_family, 64, 16, text_overrides=text, prior_overrides={
+            "shortcut_max_steps": SHORTCUT_MAX_STEPS, "num_inference_steps": FEW_STEPS})
+        feats = {k: v for k, v in proc(images=[image], text=[INSTRUCTIONS[0]], history=[history],
+                                       embodiment=EMBODIMENT).items() if isinstance(v, torch.Tensor)}
+        noise = torch.randn(1, 16, D_MAX, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            mean, _ = model.encode(feats["input_ids"], feats["pixel_values"], feats["attention_mask"],
+                                   feats["history"], feats["history_mask"], feats["dim_mask"])
+        fns = {"predict_action": lambda m=model, f=feats, n=noise: m.predict_action(**f, noise=n,
+                                                                                     num_inference_steps=FEW_STEPS),
+               "flow_steps": lambda m=model, z=mean, f=feats, n=noise: m.sample_actions(z, f["dim_mask"], FEW_STEPS,
+                                                                                        noise=n)}
+        t = interleave(fns, reps, args.warmup, label=f"{FEW_STEPS}-step flow vs VLM size ({label})")
+        lat = {k: summarize(v) for k, v in t.items()}
+        rows.append({"language_model": label, "text_overrides": text,
+                     "params": {"vlm": n_params(model.vlm), "action_head": n_params(model.action_head)},
+                     "latency": lat, "steps": FEW_STEPS,
+                     "flow_share": round(lat["flow_steps"]["median_ms"] / lat["predict_action"]["median_ms"], 4)})
+        del model, fns
+        gc.collect()
+    return rows
+
+
 def training_sections(args, tmp) -> dict:
     import torch
     from flops import count_flops
@@ -1005,6 +1040,18 @@ def report_cpu(result) -> str:
                   f"{s['few_step']['flow_floor']['cache']['floor_ms']:.2f}",
                   f"{s['few_step']['flow_floor']['memory']['flow_over_floor']:.1f}x",
                   f"{100 * s['few_step']['flow_floor']['memory']['share_at_floor']:.1f}%"] for s in settings]))
+    vs_size = result.get("few_step_share_vs_vlm_size")
+    if vs_size:
+        out.append(f"\nThe {vs_size[0]['steps']}-step flow's share as the language model grows (the `small` vision "
+                   "tower and shortcut-trained prior, 64 px, chunk 16; `predict_action` at "
+                   f"{vs_size[0]['steps']} steps, and `sample_actions` alone on the same latent; interleaved): the "
+                   "flow costs the same at any VLM size, so its share falls as the VLM approaches a real VLA's "
+                   "(an action head a tenth of the VLM or less).")
+        out.append(md_table(
+            ["language model", "VLM params", "action head params", "predict_action ms", "flow steps ms", "flow share"],
+            [[r["language_model"], millions(r["params"]["vlm"]), millions(r["params"]["action_head"]),
+              fmt(r["latency"]["predict_action"]), fmt(r["latency"]["flow_steps"]), f"{100 * r['flow_share']:.1f}%"]
+             for r in vs_size]))
     if settings and "flow_floor" in settings[0]:
         ws = result["machine_limit"]["weight_stream"]["best_gbps"]
         out.append(f"\nThe flow steps against the machine's limit: a batch-1 step reads every weight of the action head "
@@ -1146,6 +1193,10 @@ def goals_cpu(result) -> list[dict]:
         goals.append({"goal": f"flow steps <= {GOAL_FLOW_SHARE:.0%} of pipeline latency [{s['setting']}]",
                       "value": f"{100 * f:.1f}% (within-call {100 * s['flow_share_within_call']:.1f}%{at_floor})",
                       "measured": f, "pass": f <= GOAL_FLOW_SHARE})
+    vs_size = result.get("few_step_share_vs_vlm_size") or []
+    by_size = "".join(f"; {100 * r['flow_share']:.1f}% of predict_action with a {r['language_model']} language model "
+                      f"({r['params']['vlm'] / 1e6:.1f}M VLM, {r['params']['action_head'] / 1e6:.1f}M head)"
+                      for r in vs_size[1:])
     for s in result["settings"]:
         fs = s.get("few_step")
         if not fs:
@@ -1166,7 +1217,7 @@ def goals_cpu(result) -> list[dict]:
         with_compiled = "".join(f"; {100 * c['flow_share_of_pipeline']:.1f}% and "
                                 f"{c['ratio_pipeline_vs_pi0_end_to_end']['median']:.2f}x compiled, {name} head"
                                 for name, c in comp.items())
-        goals[-1]["value"] += with_bf16 + with_compiled
+        goals[-1]["value"] += with_bf16 + with_compiled + (by_size if s["preset"] == "small" else "")
         # What the ratio would be with the flow at no cost at all: the VLM prefix, pre- and postprocessing alone.
         pipe_ms = s["latency"][f"ours_pipeline_{fs['steps']}step"]["median_ms"]
         pi0_ms = s["latency"][f"pi0_end_to_end_{fs['pi0_steps']}step"]["median_ms"]
@@ -1265,6 +1316,8 @@ def run_cpu(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="actprior-speed-") as tmp:
         result["settings"] = [run_setting(args, p, s, c, tmp) for p in args.presets for s in args.image_sizes
                               for c in args.chunks] if "latency" in args.sections else []
+        if "latency" in args.sections and not args.quick:
+            result["few_step_share_vs_vlm_size"] = few_step_share_vs_vlm_size(args, args.train_preset, args.reps)
         if "training" in args.sections:
             result["training"] = training_sections(args, tmp)
     mm_end = [matmul_gflops(n) for n in (512, 1024)]

@@ -144,3 +144,27 @@ def test_the_report_is_rewritten_from_saved_results_without_measuring(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "not the results of a CPU run" in r.stderr
     assert other.read_text() == '{"preset": "tiny"}'
+
+
+def test_the_few_step_flow_share_is_measured_as_the_language_model_grows(monkeypatch):
+    """The 2-step flow's share of predict_action per language-model size: the same action head at every size (so
+    its share can only fall as the VLM grows), a share between 0 and 1, and a table in the report."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import speed
+
+    monkeypatch.setattr(speed, "PROBES", {})
+    monkeypatch.setattr(speed, "HISTORY_VLM_SCALES", (
+        ("preset", {}), ("width 128, 3 layers", dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4))))
+    args = speed.parse_args(["--reps", "2", "--warmup", "1"])
+    rows = speed.few_step_share_vs_vlm_size(args, "tiny", reps=3)
+    assert [r["language_model"] for r in rows] == ["preset", "width 128, 3 layers"]
+    assert rows[0]["params"]["vlm"] < rows[1]["params"]["vlm"]
+    assert rows[0]["params"]["action_head"] == rows[1]["params"]["action_head"]
+    for r in rows:
+        assert r["steps"] == speed.FEW_STEPS and r["latency"]["predict_action"]["n"] == 3
+        assert 0 < r["flow_share"] < 1
+    with open(os.path.join(ROOT, "benchmarks", "results", "speed.json")) as f:
+        result = json.load(f)
+    result["few_step_share_vs_vlm_size"] = rows
+    assert "flow's share as the language model grows" in speed.report_cpu(result)
