@@ -441,11 +441,11 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
         return fast(image, instruction=instruction, history=history, embodiment=EMBODIMENT, seed=0,
                     num_inference_steps=FEW_STEPS)
 
-    @torch.no_grad()
     def few_step_call(pipe):
         return lambda: pipe(image, instruction=instruction, history=history, embodiment=EMBODIMENT, seed=0,
                             num_inference_steps=FEW_STEPS)
 
+    @torch.no_grad()
     def pi0_end_to_end(steps=FLOW_STEPS):
         f = processor(images=[image], text=[instruction])
         noise = torch.randn(1, chunk, D_MAX, generator=torch.Generator().manual_seed(0))
@@ -734,7 +734,7 @@ def few_step_share_vs_vlm_size(args, preset: str, reps: int) -> list[dict]:
                                                                                         noise=n)}
         t = interleave(fns, reps, args.warmup, label=f"{FEW_STEPS}-step flow vs VLM size ({label})")
         lat = {k: summarize(v) for k, v in t.items()}
-        rows.append({"language_model": label, "text_overrides": text,
+        rows.append({"language_model": label, "text_overrides": text, "preset": preset,
                      "params": {"vlm": n_params(model.vlm), "action_head": n_params(model.action_head)},
                      "latency": lat, "steps": FEW_STEPS,
                      "flow_share": round(lat["flow_steps"]["median_ms"] / lat["predict_action"]["median_ms"], 4)})
@@ -1042,8 +1042,9 @@ def report_cpu(result) -> str:
                   f"{100 * s['few_step']['flow_floor']['memory']['share_at_floor']:.1f}%"] for s in settings]))
     vs_size = result.get("few_step_share_vs_vlm_size")
     if vs_size:
-        out.append(f"\nThe {vs_size[0]['steps']}-step flow's share as the language model grows (the `small` vision "
-                   "tower and shortcut-trained prior, 64 px, chunk 16; `predict_action` at "
+        out.append(f"\nThe {vs_size[0]['steps']}-step flow's share as the language model grows (the "
+                   f"`{vs_size[0].get('preset', 'small')}` vision tower and shortcut-trained prior, 64 px, chunk 16; "
+                   "`predict_action` at "
                    f"{vs_size[0]['steps']} steps, and `sample_actions` alone on the same latent; interleaved): the "
                    "flow costs the same at any VLM size, so its share falls as the VLM approaches a real VLA's "
                    "(an action head a tenth of the VLM or less).")
@@ -1217,7 +1218,8 @@ def goals_cpu(result) -> list[dict]:
         with_compiled = "".join(f"; {100 * c['flow_share_of_pipeline']:.1f}% and "
                                 f"{c['ratio_pipeline_vs_pi0_end_to_end']['median']:.2f}x compiled, {name} head"
                                 for name, c in comp.items())
-        goals[-1]["value"] += with_bf16 + with_compiled + (by_size if s["preset"] == "small" else "")
+        goals[-1]["value"] += with_bf16 + with_compiled + (
+            by_size if vs_size and s["preset"] == vs_size[0].get("preset", "small") else "")
         # What the ratio would be with the flow at no cost at all: the VLM prefix, pre- and postprocessing alone.
         pipe_ms = s["latency"][f"ours_pipeline_{fs['steps']}step"]["median_ms"]
         pi0_ms = s["latency"][f"pi0_end_to_end_{fs['pi0_steps']}step"]["median_ms"]

@@ -182,6 +182,18 @@ def euler_flow(decoder: nn.Module, z: torch.Tensor, dim_mask: torch.Tensor, nois
     return x
 
 
+def fresh_flow_inputs(z: torch.Tensor, dim_mask: torch.Tensor, time_condition: torch.Tensor,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(z, dim_mask, time_condition)`` as the compiled loop is compiled for: fresh inference tensors with default
+    strides (``z`` and the time conditioning in the head's ``dtype``), whatever the caller passes (a view of the
+    posterior, a tensor made outside inference mode, a cached grid): the guards of a compiled graph check all of this,
+    strides of size-1 dimensions included, so one graph serves every call. Call under ``torch.inference_mode``."""
+    dev = z.device
+    return (torch.empty(z.shape, dtype=dtype, device=dev).copy_(z),
+            torch.empty(dim_mask.shape, dtype=torch.bool, device=dev).copy_(dim_mask),
+            torch.empty(time_condition.shape, dtype=dtype, device=dev).copy_(time_condition))
+
+
 def compile_euler_flow(decoder: nn.Module, num_inference_steps: int | tuple[int, ...], batch_size: int, scheduler,
                        **compile_kwargs):
     """``torch.compile`` of ``euler_flow`` for ``decoder`` (``FlowMatchingActionDecoder.compile_flow``), compiled now
@@ -202,16 +214,17 @@ def compile_euler_flow(decoder: nn.Module, num_inference_steps: int | tuple[int,
         raise ValueError("compile_flow compiles the Euler and shortcut solvers; this scheduler uses 'heun', which "
                          "keeps sampling eagerly. Compile with an Euler or shortcut scheduler.")
     config, dtype, device = decoder.config, decoder.out.weight.dtype, decoder.out.weight.device
-    with torch.inference_mode():  # the inputs as integrate_flow passes them (the graph's guards check this)
-        z = torch.zeros(batch_size, config.latent_dim, dtype=dtype, device=device)
-        dim_mask = torch.ones(batch_size, config.max_action_dim, dtype=torch.bool, device=device)
-        noise = torch.zeros(batch_size, config.chunk_size, config.max_action_dim, device=device)
+    z = torch.zeros(batch_size, config.latent_dim, device=device)
+    dim_mask = torch.ones(batch_size, config.max_action_dim, dtype=torch.bool, device=device)
     for n in steps:
         run = scheduler.for_run(n, device=device)
-        time_condition = decoder.grid_time_condition(run.timestep_values, dtype, device, run.model_step_sizes())
         try:
-            with torch.inference_mode():
-                compiled(z, dim_mask, noise, time_condition, tuple(run.euler_step_sizes()))
+            with torch.inference_mode():  # the inputs exactly as integrate_flow passes them
+                time_condition = decoder.grid_time_condition(run.timestep_values, dtype, device,
+                                                             run.model_step_sizes())
+                noise = torch.zeros(batch_size, config.chunk_size, config.max_action_dim, device=device)
+                z_in, mask_in, time_in = fresh_flow_inputs(z, dim_mask, time_condition, dtype)
+                compiled(z_in, mask_in, noise, time_in, tuple(run.euler_step_sizes()))
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise RuntimeError(

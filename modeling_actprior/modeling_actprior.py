@@ -39,6 +39,7 @@ from .fast_path import (
     _linear,
     _mlp,
     compile_euler_flow,
+    fresh_flow_inputs,
     plain_decoder_weights,
     plain_velocity,
 )
@@ -283,6 +284,10 @@ class FlowMatchingActionDecoder(nn.Module):
         self._grid_time = (None, None)  # (key, time conditioning): see grid_time_condition
         self._compiled_flow = None  # see compile_flow
 
+    def __getstate__(self):
+        # A compiled loop belongs to this decoder (it closes over it): copies and pickles sample eagerly.
+        return {**super().__getstate__(), "_compiled_flow": None}
+
     def compile_flow(self, enable: bool = True, num_inference_steps: int | tuple[int, ...] = (), batch_size: int = 1,
                      scheduler: FlowMatchingActionScheduler | None = None, **compile_kwargs) -> FlowMatchingActionDecoder:
         """Sample through a ``torch.compile``d Euler loop (``fast_path.euler_flow``): the conditioning and every flow
@@ -290,8 +295,11 @@ class FlowMatchingActionDecoder(nn.Module):
         isolation, the 2-step flow of the ``tiny`` preset runs 1.4x and that of ``small`` 1.6x faster; inside the
         pipeline, right after the VLM prefix, the gain is smaller: ``benchmarks/speed.py`` measures both). Applies
         to the Euler and shortcut solvers without guidance and without forward hooks on the decoder; any other call
-        runs eagerly as before. Results match the eager sampler to float32 rounding, not bit for bit.
-        ``enable=False`` goes back to the eager loop.
+        runs eagerly as before, and so does every call after the compiled loop fails (torch.compile keeps at most 8
+        graphs per function: batch sizes, step counts, dtypes...), with a warning. With a float32 head the chunks match
+        the eager sampler's to float32 rounding; with a bfloat16 head to bfloat16 rounding (the compiled graph keeps
+        fused intermediates in float32). ``enable=False`` goes back to the eager loop; copies and pickles of the
+        decoder sample eagerly.
 
         Compiling takes seconds, once per step count and batch size. ``num_inference_steps`` (one or several) compiles
         those step counts now, at ``batch_size``, on the time grid of ``scheduler`` (default: Euler, or the shortcut
@@ -535,14 +543,17 @@ def integrate_flow(decoder: FlowMatchingActionDecoder, scheduler: FlowMatchingAc
         time = time.clone() if time.is_inference() and guidance is not None else time
         step_sizes = run.euler_step_sizes()
         compiled = decoder._compiled_flow  # see FlowMatchingActionDecoder.compile_flow
+        done = False
         if compiled is not None and guidance is None and step_sizes is not None and not _has_forward_hooks(decoder):
-            # Fresh inference tensors with default strides, whatever the caller passes (a view of the posterior, a
-            # tensor made outside inference mode): the graph compiled ahead then serves every call (its guards check
-            # both, strides of size-1 dimensions included).
-            z = torch.empty(z.shape, dtype=dtype, device=dev).copy_(z)  # in the head's dtype, as compiled ahead
-            dim_mask = torch.empty(dim_mask.shape, dtype=torch.bool, device=dev).copy_(dim_mask)
-            x = compiled(z, dim_mask, x, time, tuple(step_sizes))
-        else:
+            try:
+                z_in, mask_in, time_in = fresh_flow_inputs(z, dim_mask, time, dtype)
+                x = compiled(z_in, mask_in, x, time_in, tuple(step_sizes))
+                done = True
+            except Exception as e:  # torch.compile's limit of graphs, a compiler gone...: sample eagerly
+                decoder._compiled_flow = None
+                logger.warning(f"The compiled flow loop failed ({e.__class__.__name__}: {str(e).strip()[:200]}); "
+                               "this decoder samples eagerly from now on. Call compile_flow() again to recompile.")
+        if not done:
             conditioning = decoder.conditioning(z.to(dtype), None, dim_mask, time_condition=time)
             if guidance is not None:
                 x = _guided_integration(decoder, run, conditioning, x, mask, guidance, dtype, step_sizes)

@@ -162,10 +162,19 @@ README_START, README_END = "<!-- quickstart-results:start -->", "<!-- quickstart
 
 def update_readme(page: str, report: str, command: str) -> None:
     """Put ``report`` (markdown) between the quickstart-results markers of ``page`` (``docs/quickstart.md``, the
-    page the README links; a page that does not exist yet is created with them); its images are copied into ``quickstart/`` beside the page and the links rewritten, so the
-    page shows this run's figures. The report's own ``##`` headings become ``###`` (the page has one title)."""
+    page the README links; a page that does not exist yet is created with them); its images are copied into
+    ``quickstart/`` beside the page and the links rewritten, so the page shows this run's figures. The report's own ``##`` headings become ``###`` (the page has one title)."""
     import re
 
+    text = None
+    if os.path.exists(page):  # refuse a page without the markers before anything is written beside it
+        with open(page) as f:
+            text = f.read()
+        first, last = text.find(README_START), text.find(README_END)
+        if first < 0 or last < first:
+            raise ValueError(f"{page} has no {README_START} ... {README_END} block, so --update-readme would "
+                             "overwrite what is there: add the two markers where the results belong, or pass a new "
+                             "file.")
     root, out = os.path.dirname(os.path.abspath(page)), os.path.dirname(os.path.abspath(report))
     figures = os.path.join(root, "quickstart")
     os.makedirs(figures, exist_ok=True)
@@ -184,15 +193,9 @@ def update_readme(page: str, report: str, command: str) -> None:
     body = re.sub(r"\[([^\]]+)\]\((latents/index\.html)\)", r"`\1` (in the run folder)", body)
     body = re.sub(r"(?m)^## ", "### ", body)
     block = f"{README_START}\nFrom `{command}`, copied from its `report.md` by `--update-readme`:\n\n{body}\n{README_END}"
-    if not os.path.exists(page):  # a new page: its title and the block
+    if text is None:  # a new page: its title and the block
         write_text(page, f"# What the quickstart measured\n\n{block}\n")
         return
-    with open(page) as f:
-        text = f.read()
-    first, last = text.find(README_START), text.find(README_END)
-    if first < 0 or last < first:
-        raise ValueError(f"{page} has no {README_START} ... {README_END} block, so --update-readme would overwrite "
-                         "what is there: add the two markers where the results belong, or pass a new file.")
     write_text(page, text[:first] + block + text[last + len(README_END):])
 
 

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -81,8 +82,9 @@ def test_the_report_page_is_created_when_new_and_a_page_without_markers_is_refus
     text = page.read_text()
     assert text.startswith("# What the quickstart measured") and README_START in text and README_END in text
     assert "### Stage 1" in text and "numbers" in text
-    mine = tmp_path / "README.md"
+    (tmp_path / "other").mkdir()
+    mine = tmp_path / "other" / "README.md"
     mine.write_text("# my own page\n")
     with pytest.raises(ValueError, match="no <!-- quickstart-results:start -->"):
         update_readme(str(mine), str(run / "report.md"), "actprior quickstart (seed 0)")
-    assert mine.read_text() == "# my own page\n"
+    assert mine.read_text() == "# my own page\n" and os.listdir(mine.parent) == ["README.md"]  # nothing written

@@ -307,11 +307,14 @@ def test_the_compiled_flow_samples_what_the_eager_loop_samples_and_compiles_ahea
     vla, processor = _vla(shortcut_max_steps=8, num_inference_steps=2)
     robot = pipeline("robot-action", model=vla, processor=processor, device="cpu")
     eager = [_call(robot, seed=s)["actions"] for s in range(3)]
+    eager4 = _call(robot, seed=0, num_inference_steps=4)["actions"]
     previous = eager[2][3:]
     guided = _call(robot, seed=1, previous_chunk=previous, inference_delay=2)["actions"]
-    assert robot.model.compile_flow() is robot.model and robot.model.action_head._compiled_flow is not None
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    assert robot.model.compile_flow(num_inference_steps=(2, 4)) is robot.model
+    assert robot.model.action_head._compiled_flow is not None
+    with torch._dynamo.config.patch(error_on_recompile=True):  # both step counts were compiled ahead
         compiled = [_call(robot, seed=s)["actions"] for s in range(3)]
+        np.testing.assert_allclose(_call(robot, seed=0, num_inference_steps=4)["actions"], eager4, atol=1e-5)
     for a, b in zip(compiled, eager):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # Real-time chunking guides through the decoder's gradient: that loop stays eager, and exact.
@@ -341,3 +344,27 @@ def test_one_process_compiles_the_flow_of_more_models_than_torch_compiles_cache_
         prior.compile_flow(False)
         eager = prior.sample_actions(z, num_inference_steps=2, generator=torch.Generator().manual_seed(i))
         np.testing.assert_allclose(compiled, eager, atol=1e-5)
+
+
+def test_a_failing_compiled_loop_falls_back_to_the_eager_one_and_copies_sample_eagerly(caplog):
+    """A compiled loop that fails (torch.compile's graph limit reached, a compiler gone) is dropped with a warning and
+    the chunk comes from the eager loop; copies and pickles of a model never carry the compiled loop (it belongs to
+    the decoder it was compiled for)."""
+    import copy
+    import pickle
+
+    vla, _ = _vla(shortcut_max_steps=8, num_inference_steps=2)
+    z = torch.randn(2, vla.config.prior_config.latent_dim, generator=torch.Generator().manual_seed(0))
+    eager = vla.sample_actions(z, num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+
+    def broken(*args):
+        raise RuntimeError("FailOnRecompileLimitHit: Hard failure due to fullgraph=True")
+
+    vla.action_head._compiled_flow = broken
+    copied = copy.deepcopy(vla)
+    assert copied.action_head._compiled_flow is None
+    assert pickle.loads(pickle.dumps(vla.action_head))._compiled_flow is None
+    with caplog.at_level("WARNING"):
+        again = vla.sample_actions(z, num_inference_steps=2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again, eager) and vla.action_head._compiled_flow is None
+    assert "samples eagerly from now on" in caplog.text
