@@ -433,17 +433,11 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
     def ours_model():
         return ours.predict_action(**model_inputs, num_inference_steps=FLOW_STEPS)
 
-    def ours_pipeline_few_bf16():
-        return fast16(image, instruction=instruction, history=history, embodiment=EMBODIMENT, seed=0,
-                      num_inference_steps=FEW_STEPS)
-
-    def ours_pipeline_few():
-        return fast(image, instruction=instruction, history=history, embodiment=EMBODIMENT, seed=0,
-                    num_inference_steps=FEW_STEPS)
-
     def few_step_call(pipe):
         return lambda: pipe(image, instruction=instruction, history=history, embodiment=EMBODIMENT, seed=0,
                             num_inference_steps=FEW_STEPS)
+
+    ours_pipeline_few, ours_pipeline_few_bf16 = few_step_call(fast), few_step_call(fast16)
 
     @torch.no_grad()
     def pi0_end_to_end(steps=FLOW_STEPS):
@@ -510,11 +504,12 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
     parts_few = np.asarray(parts_few[-args.reps:])
     parts_few16 = np.asarray(parts_few16[-args.reps:])
     parts_compiled = {name: np.asarray(p[-args.reps:]) for name, p in parts_compiled.items()}
-    bf16_gap = float(np.abs(ours_pipeline_few_bf16()["actions"] - ours_pipeline_few()["actions"]).max())
+    eager_actions = {"fp32": ours_pipeline_few()["actions"], "bf16": ours_pipeline_few_bf16()["actions"]}
+    bf16_gap = float(np.abs(eager_actions["bf16"] - eager_actions["fp32"]).max())
+    eager_keys = {"fp32": f"ours_pipeline_{FEW_STEPS}step", "bf16": f"ours_pipeline_{FEW_STEPS}step_bf16_head"}
     compiled_rows = {}
     for name, (pipe, compile_s) in compiled.items():
-        key, eager_key = f"ours_pipeline_{FEW_STEPS}step_compiled_{name}", (
-            f"ours_pipeline_{FEW_STEPS}step" if name == "fp32" else f"ours_pipeline_{FEW_STEPS}step_bf16_head")
+        key, eager_key = f"ours_pipeline_{FEW_STEPS}step_compiled_{name}", eager_keys[name]
         compiled_rows[name] = {
             "compile_s": round(compile_s, 2),
             "ratio_pipeline_vs_pi0_end_to_end": paired_ratio(times[key], times[f"pi0_end_to_end_{PI0_FEW_STEPS}step"]),
@@ -525,8 +520,7 @@ def run_setting(args, preset, image_size, chunk, tmp) -> dict:
             "flow_share_within_call": round(float(np.median(parts_compiled[name][:, 2]
                                                             / parts_compiled[name].sum(1))), 4),
             "max_abs_action_difference_vs_eager": round(float(np.abs(
-                few_step_call(pipe)()["actions"]
-                - (ours_pipeline_few() if name == "fp32" else ours_pipeline_few_bf16())["actions"]).max()), 6),
+                few_step_call(pipe)()["actions"] - eager_actions[name]).max()), 6),
         }
     part_names = ["preprocess", "vlm_prefix", "flow_steps", "postprocess"]
     e2e = summarize(times["ours_pipeline"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint_paths import FINAL_DIR
+from .checkpoint_paths import FINAL_DIR, resolve_model_path
 from .training.checkpointing import CHECKPOINT_DIR, TRAINER_STATE
 from .training.checkpointing import MODEL_WEIGHTS as WEIGHTS
 
@@ -30,21 +30,14 @@ class VLARun:
 
 def find_run(path: str) -> VLARun:
     """``path`` is a training run folder (``final/`` + ``checkpoints/step-*/``) or a model folder (``config.json``)."""
-    if not os.path.isdir(path):
+    if not os.path.isdir(path):  # a Hub id has no checkpoints to read: this command needs the run on this machine
         raise FileNotFoundError(f"--model {path}: no such folder. Pass a train_stage2.py run folder (with final/ and "
                                 "checkpoints/) or its final/ folder.")
-    if os.path.isfile(os.path.join(path, "config.json")):
+    final = resolve_model_path(path, "--model", trained_by="train_stage2.py")  # a run folder means its final/
+    if final == path:
         return VLARun(final=path, notes=[
             f"{path} is a model folder, not a run folder: the alignment over training (b) is skipped. Pass the run "
             "folder (the parent of final/, with checkpoints/) to draw it."])
-    final = os.path.join(path, FINAL_DIR)
-    if not os.path.isfile(os.path.join(final, "config.json")):
-        has_ckpt = os.path.isdir(os.path.join(path, CHECKPOINT_DIR))
-        raise FileNotFoundError(
-            f"--model {path}: no config.json there nor in {final}. Expected a train_stage2.py run folder (final/ + "
-            "checkpoints/) or its final/ folder." + (" This run has checkpoints but no final/ (interrupted?): the "
-                                                    "processor lives in final/, so finish the run with "
-                                                    "--resume_from_checkpoint latest first." if has_ckpt else ""))
     checkpoints = []
     root = os.path.join(path, CHECKPOINT_DIR)
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:

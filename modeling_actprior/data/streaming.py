@@ -14,7 +14,7 @@ import torch
 from ..action_space import ActionNormalizer
 from ..inputs import ACTION_MASK, ACTIONS, DIM_MASK, EMBODIMENT, HISTORY, HISTORY_MASK, STATE
 from .lerobot import ACTION_KEY, STATE_KEY, DatasetFormatError, LeRobotDatasetMeta, TrajectoryDataset
-from .windows import EPISODE_INDEX, FRAME_INDEX, _affine, _check_window_args, _state_affine
+from .windows import EPISODE_INDEX, FRAME_INDEX, _affine, _check_window_args, _episode_indices, _state_affine
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -69,11 +69,7 @@ class StreamingActionWindows(torch.utils.data.IterableDataset):
         self.embodiment = meta.embodiment.name
         self.d_max = normalizer.max_action_dim
         self._offset, self._scale, self.action_dim = _affine(normalizer, self.embodiment)
-        n_eps = meta.num_episodes
-        eps = np.arange(n_eps, dtype=np.int64) if episodes is None else np.asarray(list(episodes), dtype=np.int64)
-        if eps.size and (eps.min() < 0 or eps.max() >= n_eps):
-            raise IndexError(f"{meta.root}: episodes must be in 0..{n_eps - 1}.")
-        self.episodes = eps
+        self.episodes = _episode_indices(episodes, meta.num_episodes, meta.root)
         self.include_state = bool(include_state)
         self.max_state_dim = int(max_state_dim)
         if self.include_state:

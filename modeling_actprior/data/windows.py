@@ -172,6 +172,14 @@ def _window(rows_norm: np.ndarray, n_hist: int, history: int, chunk: int, d_max:
             ACTIONS: torch.from_numpy(act), ACTION_MASK: torch.from_numpy(amask)}
 
 
+def _episode_indices(episodes: Sequence[int] | None, num_episodes: int, root) -> np.ndarray:
+    """The selected episodes as an int64 array (all of them for None), each checked to be in the dataset."""
+    eps = np.arange(num_episodes, dtype=np.int64) if episodes is None else np.asarray(list(episodes), dtype=np.int64)
+    if eps.size and (eps.min() < 0 or eps.max() >= num_episodes):
+        raise IndexError(f"{root}: episodes must be in 0..{num_episodes - 1}; got {eps.tolist()[:10]}...")
+    return eps
+
+
 def _check_window_args(history: int, chunk: int) -> None:
     if int(history) < 0 or int(chunk) <= 0:
         raise ValueError(f"history must be >= 0 and chunk > 0; got history={history}, chunk={chunk}.")
@@ -215,11 +223,7 @@ class ActionWindowDataset(torch.utils.data.Dataset):
         self.d_max = normalizer.max_action_dim
         self._offset, self._scale, self.action_dim = _affine(normalizer, self.embodiment)
         self._dim_mask = normalizer.dim_mask(self.embodiment)
-        n_eps = dataset.num_episodes
-        eps = np.arange(n_eps, dtype=np.int64) if episodes is None else np.asarray(list(episodes), dtype=np.int64)
-        if eps.size and (eps.min() < 0 or eps.max() >= n_eps):
-            raise IndexError(f"{dataset.root}: episodes must be in 0..{n_eps - 1}; got {eps.tolist()[:10]}...")
-        self.episodes = eps
+        self.episodes = eps = _episode_indices(episodes, dataset.num_episodes, dataset.root)
         self._from = dataset.episode_from[eps] if eps.size else np.zeros(0, np.int64)
         lengths = dataset.episode_lengths[eps] if eps.size else np.zeros(0, np.int64)
         self._cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # sample offset per episode

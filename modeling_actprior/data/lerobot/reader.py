@@ -278,35 +278,33 @@ def _validate_data(ds: TrajectoryDataset) -> None:
         e = int(np.searchsorted(to, row, side="right"))
         return e, int(row - from_[e]), meta.data_file(e)
 
-    ep_col = ds.column("episode_index")
-    fi_col = ds.column("frame_index")
-    idx_col = ds.column("index") if "index" in hf.column_names else None
-    expected_ep = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
-    expected_fi = np.arange(n, dtype=np.int64) - np.repeat(from_, lengths)
-    for start, ep in ep_col.chunks():
-        bad = np.flatnonzero(ep != expected_ep[start:start + len(ep)])
-        if bad.size:
-            row = start + int(bad[0])
-            e, f, path = where(row)
-            raise DatasetFormatError(
-                f"{path}: episode {e}: row {row} (frame {f}) has episode_index={int(ep[bad[0]])}; the episode "
-                f"metadata says episode {e} spans rows {from_[e]}..{to[e] - 1} (length {lengths[e]}).")
-    for start, fi in fi_col.chunks():
-        bad = np.flatnonzero(fi != expected_fi[start:start + len(fi)])
-        if bad.size:
-            row = start + int(bad[0])
-            e, f, path = where(row)
-            raise DatasetFormatError(
-                f"{path}: episode {e}: frame_index jumps to {int(fi[bad[0]])} where {f} was expected "
-                f"(frame_index must run 0..{lengths[e] - 1} without gaps).")
-    if idx_col is not None:
-        for start, ix in idx_col.chunks():
-            bad = np.flatnonzero(ix != np.arange(start, start + len(ix)))
+    def first_mismatch(col: ColumnView, expected: np.ndarray) -> tuple[int, int] | None:
+        """``(row, value)`` of the first row of ``col`` that differs from ``expected``, scanned chunk by chunk."""
+        for start, values in col.chunks():
+            bad = np.flatnonzero(values != expected[start:start + len(values)])
             if bad.size:
-                row = start + int(bad[0])
-                e, f, path = where(row)
-                raise DatasetFormatError(f"{path}: episode {e}, frame {f}: index={int(ix[bad[0]])}, expected "
-                                         f"{row} (global frame index).")
+                return start + int(bad[0]), int(values[bad[0]])
+        return None
+
+    mismatch = first_mismatch(ds.column("episode_index"), np.repeat(np.arange(len(lengths), dtype=np.int64), lengths))
+    if mismatch:
+        row, value = mismatch
+        e, f, path = where(row)
+        raise DatasetFormatError(
+            f"{path}: episode {e}: row {row} (frame {f}) has episode_index={value}; the episode "
+            f"metadata says episode {e} spans rows {from_[e]}..{to[e] - 1} (length {lengths[e]}).")
+    mismatch = first_mismatch(ds.column("frame_index"), np.arange(n, dtype=np.int64) - np.repeat(from_, lengths))
+    if mismatch:
+        row, value = mismatch
+        e, f, path = where(row)
+        raise DatasetFormatError(
+            f"{path}: episode {e}: frame_index jumps to {value} where {f} was expected "
+            f"(frame_index must run 0..{lengths[e] - 1} without gaps).")
+    mismatch = first_mismatch(ds.column("index"), np.arange(n, dtype=np.int64)) if "index" in hf.column_names else None
+    if mismatch:
+        row, value = mismatch
+        e, f, path = where(row)
+        raise DatasetFormatError(f"{path}: episode {e}, frame {f}: index={value}, expected {row} (global frame index).")
     for key in (ACTION_KEY, STATE_KEY):
         if key not in hf.column_names:
             continue
